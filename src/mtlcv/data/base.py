@@ -1,0 +1,34 @@
+"""The dataset contract.
+
+A dataset is a ``torch.utils.data.Dataset`` whose items are dicts: ``image`` float ``[3,H,W]``
+with values in [0, 1] (models normalise internally), plus one entry per target it provides,
+keyed by task name and shaped as in :mod:`mtlcv.tasks.base` without the batch dimension.
+
+It declares:
+
+* ``targets``: the task names it can provide;
+* ``task_options``: per task, the options its task needs (e.g. ``{"semseg": {"num_classes": 13}}``);
+* a sample that lacks a target it declares carries that target filled with the task's ignore
+  value (255 for labels, 0 for depth and normals), so the loss and the metrics mask it; it is
+  never dropped and never scored.
+
+Factories are registered in :data:`mtlcv.registry.DATASETS` and called as
+``factory(split=..., root=..., augment=..., **options)``.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from torch.utils.data import Dataset
+
+
+class MTLDataset(Dataset):
+    targets: tuple[str, ...] = ()
+    task_options: dict[str, dict[str, Any]] = {}
+
+    def __len__(self) -> int:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def __getitem__(self, i: int) -> dict[str, Any]:  # pragma: no cover - abstract
+        raise NotImplementedError

@@ -1,0 +1,89 @@
+"""The model and backbone contracts.
+
+A :class:`MultiTaskModel` maps an image batch ``[B,3,H,W]`` to ``{task: prediction}`` and
+declares which of its parameters are shared by all tasks and which belong to each task. Where
+the architecture has a single shared representation (hard parameter sharing, MTAN's shared
+trunk...), ``encode`` returns it and ``decode`` maps it to the predictions, so that balancers can
+take per-task gradients with respect to the representation (the MGDA-UB shortcut) instead of
+the shared parameters; ``forward(x) == decode(encode(x), x.shape[-2:])``.
+
+A :class:`Backbone` exposes its stages: ``forward_stage(x, i)`` runs stage ``i`` alone and
+``stage_channels[i]`` / ``stage_strides[i]`` describe its output, so that cross-stitch, MTAN and
+other stage-wise architectures can wrap any backbone.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+
+import torch
+from torch import nn
+
+
+class Backbone(nn.Module):
+    """A feature extractor made of sequential stages."""
+
+    #: output channels of every stage
+    stage_channels: list[int]
+    #: cumulative output stride of every stage with respect to the input
+    stage_strides: list[int]
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stages = nn.ModuleList()
+
+    @property
+    def num_stages(self) -> int:
+        return len(self.stages)
+
+    @property
+    def out_channels(self) -> int:
+        return self.stage_channels[-1]
+
+    def forward_stage(self, x: torch.Tensor, i: int) -> torch.Tensor:
+        return self.stages[i](x)
+
+    def forward_stages(self, x: torch.Tensor) -> list[torch.Tensor]:
+        feats = []
+        for i in range(self.num_stages):
+            x = self.forward_stage(x, i)
+            feats.append(x)
+        return feats
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        for i in range(self.num_stages):
+            x = self.forward_stage(x, i)
+        return x
+
+
+class MultiTaskModel(nn.Module):
+    """Base class of every architecture."""
+
+    tasks: list[str]
+    #: True when ``encode``/``decode`` split the model at one shared representation
+    has_representation: bool = False
+
+    def shared_parameters(self) -> Iterator[nn.Parameter]:
+        """Parameters used by every task (empty for single-task and soft-sharing models)."""
+        raise NotImplementedError
+
+    def task_parameters(self, task: str) -> Iterator[nn.Parameter]:
+        """Parameters used by ``task`` alone."""
+        raise NotImplementedError
+
+    def encode(self, image: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError(f"{type(self).__name__} has no single shared representation")
+
+    def decode(self, rep: torch.Tensor, size: Sequence[int]) -> dict[str, torch.Tensor]:
+        raise NotImplementedError(f"{type(self).__name__} has no single shared representation")
+
+    def forward(self, image: torch.Tensor) -> dict[str, torch.Tensor]:
+        return self.decode(self.encode(image), image.shape[-2:])
+
+    def extra_loss(self) -> torch.Tensor | None:
+        """An architecture's own regulariser (e.g. soft sharing's parameter distance), or None."""
+        return None
+
+    def auxiliary_losses(self) -> dict[str, torch.Tensor]:
+        """Deep-supervision predictions of the last forward, ``{task: prediction}``, if any."""
+        return {}
