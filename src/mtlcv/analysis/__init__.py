@@ -1,0 +1,1 @@
+"""Analysis: delta_m, tables, plots, reports."""

@@ -1,0 +1,1 @@
+"""Classic (pre-deep) multi-task learning."""

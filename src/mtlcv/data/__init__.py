@@ -1,0 +1,8 @@
+"""Datasets mapping to the batch contract (see :mod:`.base`)."""
+
+from __future__ import annotations
+
+from . import nyuv2, scenes  # noqa: F401  (register)
+from .base import MTLDataset
+
+__all__ = ["MTLDataset"]

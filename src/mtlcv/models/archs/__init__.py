@@ -1,0 +1,2 @@
+"""Multi-task architectures."""
+from . import hps, stl  # noqa: F401

@@ -1,0 +1,2 @@
+"""Backbones exposing their stages."""
+from . import resnet, tiny  # noqa: F401
