@@ -9,7 +9,14 @@ the shared parameters; ``forward(x) == decode(encode(x), x.shape[-2:])``.
 
 A :class:`Backbone` exposes its stages: ``forward_stage(x, i)`` runs stage ``i`` alone and
 ``stage_channels[i]`` / ``stage_strides[i]`` describe its output, so that cross-stitch, MTAN and
-other stage-wise architectures can wrap any backbone.
+other stage-wise architectures can wrap any backbone. ``stages`` is usually an
+``nn.ModuleList``; a backbone whose parameter names must match a published checkpoint (ResNet
+keeps torchvision's ``conv1``, ``layer1``...) may instead hold a plain list of modules that are
+registered under those names, so that ``state_dict()`` has no duplicated keys.
+
+Images enter a backbone in [0, 1]; every built-in backbone standardises them itself with
+:class:`ImageNormalize` as the first step of stage 0, so datasets never need to know which
+statistics a backbone was pretrained with.
 """
 
 from __future__ import annotations
@@ -18,6 +25,29 @@ from collections.abc import Iterator, Sequence
 
 import torch
 from torch import nn
+
+
+#: ImageNet channel statistics used by torchvision's pretrained weights
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+class ImageNormalize(nn.Module):
+    """``(x - mean) / std`` per channel, for images in [0, 1].
+
+    The statistics are non-persistent buffers: they follow ``.to(device)`` but are not in the
+    state dict, so checkpoints of a backbone keep exactly the keys of the original network.
+    """
+
+    def __init__(
+        self, mean: Sequence[float] = IMAGENET_MEAN, std: Sequence[float] = IMAGENET_STD
+    ) -> None:
+        super().__init__()
+        self.register_buffer("mean", torch.tensor(mean).view(1, -1, 1, 1), persistent=False)
+        self.register_buffer("std", torch.tensor(std).view(1, -1, 1, 1), persistent=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return (x - self.mean.to(x.dtype)) / self.std.to(x.dtype)
 
 
 class Backbone(nn.Module):

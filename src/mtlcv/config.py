@@ -1,0 +1,306 @@
+"""Typed experiment configuration: YAML files plus ``--set a.b=c`` overrides, strictly validated.
+
+An experiment is an :class:`ExperimentConfig`. Loading goes YAML -> nested dict -> overrides ->
+dataclasses; every unknown key or wrongly typed value raises a :class:`~mtlcv.errors.ConfigError`
+whose one-line message names the key, what was given and what is allowed.
+
+Components that come from a registry (dataset, backbone, head, architecture, balancer) are
+written as a ``name`` plus that component's own options; their options are checked against the
+factory's signature when the experiment is built (see :mod:`mtlcv.registry`).
+
+Example:
+    >>> cfg = from_dict({"tasks": ["semseg", "depth"], "optim": {"lr": 0.01}})
+    >>> cfg.optim.lr, cfg.model.arch
+    (0.01, 'hps')
+    >>> apply_overrides(to_dict(cfg), ["train.epochs=3"])["train"]["epochs"]
+    3
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Union
+
+import yaml
+
+from .errors import ConfigError
+
+
+@dataclass
+class DataConfig:
+    name: str = "scenes"
+    #: dataset location (cache folder for scenes, dataset root/file for NYUv2)
+    root: str | None = None
+    batch_size: int = 8
+    #: batch size for val/test (None = batch_size)
+    eval_batch_size: int | None = None
+    num_workers: int = 0
+    #: joint augmentation of the training split (the dataset's published protocol)
+    augment: bool = False
+    #: extra dataset factory options, e.g. ``{size: [96, 128], n: 600}`` for scenes
+    options: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class ModelConfig:
+    arch: str = "hps"
+    #: ``{name: ..., <backbone options>}``, e.g. ``{name: resnet18, dilated: true, weights: PATH}``
+    backbone: dict[str, Any] = field(default_factory=lambda: {"name": "tiny"})
+    #: ``{name: ..., <head options>}``
+    head: dict[str, Any] = field(default_factory=lambda: {"name": "light"})
+    #: architecture options
+    options: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class OptimConfig:
+    name: str = "adam"
+    lr: float = 1e-3
+    weight_decay: float = 0.0
+    #: SGD momentum (ignored by Adam)
+    momentum: float = 0.9
+
+
+@dataclass
+class ScheduleConfig:
+    #: none, step (StepLR) or cosine (CosineAnnealingLR over all epochs)
+    name: str = "none"
+    step_size: int = 100
+    gamma: float = 0.5
+
+
+@dataclass
+class BalancerConfig:
+    name: str = "fixed"
+    options: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class TrainConfig:
+    epochs: int = 10
+    #: auto (cuda when available, else cpu), cpu, cuda, cuda:N
+    device: str = "auto"
+    #: stop each training epoch after this many steps (None = the whole split); for smoke runs
+    max_steps: int | None = None
+    #: show a progress bar (off automatically when stdout is not a terminal)
+    progress: bool = True
+
+
+@dataclass
+class ExperimentConfig:
+    name: str = "experiment"
+    seed: int = 0
+    tasks: list[str] = field(default_factory=lambda: ["semseg", "depth", "normals"])
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
+    balancer: BalancerConfig = field(default_factory=BalancerConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    #: single-task baselines for Δm: a run directory, a results.json, or a named published
+    #: baseline (see ``mtlcv.analysis.baselines``); None = select the best epoch by mean rank
+    baselines: str | None = None
+
+
+OPTIMIZERS = ("adam", "sgd", "adamw")
+SCHEDULES = ("none", "step", "cosine")
+
+
+def _type_name(tp: Any) -> str:
+    origin = typing.get_origin(tp)
+    if origin in (Union, types.UnionType):
+        return " or ".join(_type_name(a) for a in typing.get_args(tp))
+    if origin is not None:
+        return getattr(origin, "__name__", str(origin))
+    if tp is type(None):
+        return "null"
+    return getattr(tp, "__name__", str(tp))
+
+
+def _coerce(value: Any, tp: Any, key: str) -> Any:
+    """Check ``value`` against the annotation ``tp``; return it (ints accepted for floats)."""
+    origin = typing.get_origin(tp)
+    if origin in (Union, types.UnionType):
+        for arg in typing.get_args(tp):
+            try:
+                return _coerce(value, arg, key)
+            except ConfigError:
+                continue
+        _bad(key, value, _type_name(tp))
+    if tp is type(None):
+        if value is None:
+            return None
+        _bad(key, value, "null")
+    if tp is Any:
+        return value
+    if origin is list:
+        if not isinstance(value, (list, tuple)):
+            _bad(key, value, f"a list of {_type_name(typing.get_args(tp)[0])}")
+        (item_tp,) = typing.get_args(tp)
+        return [_coerce(v, item_tp, f"{key}[{i}]") for i, v in enumerate(value)]
+    if origin is dict:
+        if not isinstance(value, dict):
+            _bad(key, value, "a mapping")
+        return dict(value)
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        _bad(key, value, "true or false")
+    if tp is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        _bad(key, value, "an integer")
+    if tp is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        _bad(key, value, "a number")
+    if tp is str:
+        if isinstance(value, str):
+            return value
+        _bad(key, value, "a string")
+    raise AssertionError(f"unsupported annotation {tp!r} for {key}")  # pragma: no cover
+
+
+def _bad(key: str, value: Any, expected: str) -> None:
+    raise ConfigError(f"config key {key!r}: got {value!r} ({type(value).__name__}), expected {expected}")
+
+
+def _build(cls: type, data: Any, prefix: str) -> Any:
+    if not isinstance(data, dict):
+        _bad(prefix or "(top level)", data, "a mapping")
+    hints = typing.get_type_hints(cls)
+    names = [f.name for f in dataclasses.fields(cls)]
+    kwargs = {}
+    for key, value in data.items():
+        full = f"{prefix}.{key}" if prefix else str(key)
+        if key not in names:
+            raise ConfigError(f"unknown config key {full!r}; valid keys here: {', '.join(names)}")
+        tp = hints[key]
+        if dataclasses.is_dataclass(tp):
+            kwargs[key] = _build(tp, value, full)
+        else:
+            kwargs[key] = _coerce(value, tp, full)
+    return cls(**kwargs)
+
+
+def validate(cfg: ExperimentConfig) -> ExperimentConfig:
+    """Value checks that types alone cannot express."""
+    if not cfg.tasks:
+        raise ConfigError("config key 'tasks': got an empty list, expected at least one task")
+    if len(set(cfg.tasks)) != len(cfg.tasks):
+        raise ConfigError(f"config key 'tasks': got duplicates in {cfg.tasks}")
+    if cfg.optim.name not in OPTIMIZERS:
+        raise ConfigError(
+            f"config key 'optim.name': got {cfg.optim.name!r}, expected one of {', '.join(OPTIMIZERS)}"
+        )
+    if cfg.schedule.name not in SCHEDULES:
+        raise ConfigError(
+            f"config key 'schedule.name': got {cfg.schedule.name!r}, "
+            f"expected one of {', '.join(SCHEDULES)}"
+        )
+    positive = {
+        "data.batch_size": cfg.data.batch_size,
+        "train.epochs": cfg.train.epochs,
+        "schedule.step_size": cfg.schedule.step_size,
+    }
+    if cfg.data.eval_batch_size is not None:
+        positive["data.eval_batch_size"] = cfg.data.eval_batch_size
+    if cfg.train.max_steps is not None:
+        positive["train.max_steps"] = cfg.train.max_steps
+    for key, value in positive.items():
+        if value < 1:
+            raise ConfigError(f"config key {key!r}: got {value}, expected a positive integer")
+    if cfg.optim.lr <= 0:
+        raise ConfigError(f"config key 'optim.lr': got {cfg.optim.lr}, expected a positive number")
+    if cfg.data.num_workers < 0:
+        raise ConfigError(
+            f"config key 'data.num_workers': got {cfg.data.num_workers}, expected >= 0"
+        )
+    for key in ("backbone", "head"):
+        comp = getattr(cfg.model, key)
+        if not isinstance(comp.get("name"), str):
+            raise ConfigError(
+                f"config key 'model.{key}': got {comp!r}, expected a mapping with a 'name' string"
+            )
+    return cfg
+
+
+def from_dict(data: dict[str, Any]) -> ExperimentConfig:
+    return validate(_build(ExperimentConfig, data, ""))
+
+
+def to_dict(cfg: ExperimentConfig) -> dict[str, Any]:
+    return dataclasses.asdict(cfg)
+
+
+def parse_override(item: str) -> tuple[list[str], Any]:
+    """``"optim.lr=1e-3"`` -> (["optim", "lr"], 0.001); values are parsed as YAML."""
+    if "=" not in item:
+        raise ConfigError(f"--set {item!r}: expected KEY=VALUE, e.g. optim.lr=0.001")
+    key, raw = item.split("=", 1)
+    key = key.strip()
+    if not key or any(not part for part in key.split(".")):
+        raise ConfigError(f"--set {item!r}: expected KEY=VALUE with a dotted key, e.g. train.epochs=5")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else None
+    except yaml.YAMLError:
+        value = raw
+    # YAML 1.1 reads "1e-3" as a string; accept the usual float spellings
+    if isinstance(value, str):
+        try:
+            value = float(value) if any(c in value for c in ".eE") else value
+        except ValueError:
+            pass
+    return key.split("."), value
+
+
+def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    """Return a copy of ``data`` with every ``a.b=c`` override applied (creating mappings)."""
+    data = copy.deepcopy(data)
+    for item in overrides:
+        path, value = parse_override(item)
+        node = data
+        for i, part in enumerate(path[:-1]):
+            nxt = node.get(part)
+            if nxt is None:
+                nxt = node[part] = {}
+            if not isinstance(nxt, dict):
+                raise ConfigError(
+                    f"--set {item!r}: {'.'.join(path[: i + 1])!r} is {nxt!r}, not a mapping"
+                )
+            node = nxt
+        node[path[-1]] = value
+    return data
+
+
+def read_yaml(path: str | Path) -> dict[str, Any]:
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file {str(path)!r} does not exist")
+    try:
+        data = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" at line {mark.line + 1}" if mark is not None else ""
+        raise ConfigError(f"config file {str(path)!r} is not valid YAML{where}") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"config file {str(path)!r}: expected a mapping at the top level")
+    return data
+
+
+def load(path: str | Path | None = None, overrides: list[str] | None = None) -> ExperimentConfig:
+    """Read ``path`` (or start from the defaults), apply ``overrides`` and validate."""
+    data = read_yaml(path) if path is not None else {}
+    data = apply_overrides(data, overrides or [])
+    return from_dict(data)
+
+
+def dump(cfg: ExperimentConfig, path: str | Path) -> None:
+    Path(path).write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))

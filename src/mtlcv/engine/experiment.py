@@ -1,0 +1,160 @@
+"""Build every piece of an experiment (data, tasks, model, balancer, optimizer) from a config.
+
+This is the one place where config names become objects, always through the registries, so
+the trainer itself never branches on a method, architecture or dataset name.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch.utils.data import DataLoader
+
+from ..config import ExperimentConfig
+from ..errors import ConfigError, MtlcvError
+from ..registry import DATASETS, TASKS
+from ..tasks.base import Task
+
+
+@dataclass
+class Experiment:
+    cfg: ExperimentConfig
+    tasks: dict[str, Task]
+    datasets: dict[str, Any]
+    model: torch.nn.Module
+    balancer: Any
+    device: torch.device
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        dev = torch.device(name)
+    except RuntimeError:
+        raise ConfigError(
+            f"config key 'train.device': got {name!r}, expected auto, cpu, cuda or cuda:N"
+        ) from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("config key 'train.device': cuda was asked for but none is available")
+    return dev
+
+
+def build_dataset(cfg: ExperimentConfig, split: str) -> Any:
+    d = cfg.data
+    ds = DATASETS.create(
+        d.name,
+        where="data.name",
+        split=split,
+        root=d.root,
+        augment=d.augment and split == "train",
+        **d.options,
+    )
+    missing = [t for t in cfg.tasks if t not in getattr(ds, "targets", ())]
+    if missing:
+        raise ConfigError(
+            f"config key 'tasks': dataset {d.name!r} has no target for {', '.join(missing)}; "
+            f"it provides {', '.join(getattr(ds, 'targets', ())) or 'nothing'}"
+        )
+    return ds
+
+
+def build_tasks(cfg: ExperimentConfig, dataset: Any) -> dict[str, Task]:
+    opts = getattr(dataset, "task_options", {}) or {}
+    return {t: TASKS.create(t, where="tasks", **opts.get(t, {})) for t in cfg.tasks}
+
+
+def build_model(cfg: ExperimentConfig, tasks: dict[str, Task]) -> torch.nn.Module:
+    from ..models.build import build_model as _build
+
+    return _build(
+        cfg.model.arch,
+        tasks,
+        backbone=dict(cfg.model.backbone),
+        head=dict(cfg.model.head),
+        options=dict(cfg.model.options),
+    )
+
+
+def build_balancer(cfg: ExperimentConfig) -> Any:
+    from ..balancing import create
+
+    return create(cfg.balancer.name, num_tasks=len(cfg.tasks), **cfg.balancer.options)
+
+
+def build_optimizer(cfg: ExperimentConfig, params: list) -> torch.optim.Optimizer:
+    o = cfg.optim
+    if o.name == "adam":
+        return torch.optim.Adam(params, lr=o.lr, weight_decay=o.weight_decay)
+    if o.name == "adamw":
+        return torch.optim.AdamW(params, lr=o.lr, weight_decay=o.weight_decay)
+    return torch.optim.SGD(params, lr=o.lr, momentum=o.momentum, weight_decay=o.weight_decay)
+
+
+def build_scheduler(cfg: ExperimentConfig, opt: torch.optim.Optimizer) -> Any:
+    s = cfg.schedule
+    if s.name == "step":
+        return torch.optim.lr_scheduler.StepLR(opt, step_size=s.step_size, gamma=s.gamma)
+    if s.name == "cosine":
+        return torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=cfg.train.epochs)
+    return torch.optim.lr_scheduler.LambdaLR(opt, lambda _: 1.0)
+
+
+def make_loader(cfg: ExperimentConfig, ds: Any, train: bool, seed: int = 0) -> DataLoader:
+    bs = cfg.data.batch_size if train else (cfg.data.eval_batch_size or cfg.data.batch_size)
+    gen = torch.Generator()
+    gen.manual_seed(seed)
+    return DataLoader(
+        ds,
+        batch_size=bs,
+        shuffle=train,
+        drop_last=train and len(ds) > bs,
+        num_workers=cfg.data.num_workers,
+        generator=gen,
+        persistent_workers=False,
+    )
+
+
+def build(cfg: ExperimentConfig, splits: tuple[str, ...] = ("train", "val", "test")) -> Experiment:
+    datasets = {s: build_dataset(cfg, s) for s in splits}
+    tasks = build_tasks(cfg, datasets[splits[0]])
+    model = build_model(cfg, tasks)
+    balancer = build_balancer(cfg)
+    device = resolve_device(cfg.train.device)
+    return Experiment(cfg, tasks, datasets, model.to(device), balancer.to(device), device)
+
+
+def load_baselines(spec: str) -> dict[str, dict[str, dict[str, float]]]:
+    """Baselines for Δm: ``{"val": {...}, "test": {...}}`` from a run dir, a results.json or a name.
+
+    A named published baseline has only test numbers; they are used for both splits.
+    """
+    path = Path(spec)
+    if path.is_dir():
+        path = path / "results.json"
+    if path.suffix == ".json" or path.exists():
+        if not path.is_file():
+            raise ConfigError(f"config key 'baselines': {str(path)!r} does not exist")
+        try:
+            res = json.loads(path.read_text())
+            return {"val": res.get("val") or res["test"], "test": res["test"]}
+        except (json.JSONDecodeError, KeyError, TypeError):
+            raise ConfigError(
+                f"config key 'baselines': {str(path)!r} is not a results.json with 'test' metrics"
+            ) from None
+    try:
+        from ..analysis.baselines import get_baseline
+    except ImportError:  # pragma: no cover - named baselines ship with the NYUv2 module
+        raise ConfigError(f"config key 'baselines': {spec!r} is neither a file nor a run directory") from None
+    try:
+        metrics = get_baseline(spec)
+    except MtlcvError as exc:
+        raise ConfigError(
+            f"config key 'baselines': {spec!r} is not a file, a run directory or a named baseline "
+            f"({exc})"
+        ) from None
+    return {"val": metrics, "test": metrics}
