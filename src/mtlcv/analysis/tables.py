@@ -1,0 +1,59 @@
+"""Comparison tables of runs: per-task test metrics side by side, with Δm against a baseline."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+from rich.table import Table
+
+from .delta_m import delta_m
+
+
+def comparison_table(
+    runs: Mapping[str, Mapping[str, Any]],
+    higher_is_better: Mapping[str, Mapping[str, bool]],
+    baseline: str | None = None,
+    title: str | None = None,
+) -> Table:
+    """A rich table with one row per (task, metric) and one column per run.
+
+    ``runs`` maps a column name to a results dict (``results.json``: ``{"test": {task: {metric:
+    value}}}``). When ``baseline`` names one of the runs, every other run also gets its relative
+    change per metric (signed so that positive is better) and a last row with Δm in convention
+    (a): the mean over all metrics of the signed relative change, where lower is better.
+    """
+    names = list(runs)
+    table = Table(title=title)
+    table.add_column("task")
+    table.add_column("metric")
+    for n in names:
+        table.add_column(n, justify="right")
+        if baseline is not None and n != baseline:
+            table.add_column(f"vs {baseline}", justify="right")
+    tasks: Sequence[str] = list(next(iter(runs.values()))["test"])
+    for task in tasks:
+        for metric, higher in higher_is_better[task].items():
+            arrow = "↑" if higher else "↓"
+            row = [task, f"{metric} {arrow}"]
+            base = runs[baseline]["test"][task][metric] if baseline is not None else None
+            for n in names:
+                value = runs[n]["test"][task][metric]
+                row.append(f"{value:.4g}")
+                if baseline is not None and n != baseline:
+                    rel = 100.0 * (value - base) / base if base else float("nan")
+                    rel = rel if higher else -rel
+                    colour = "green" if rel > 0 else "red" if rel < 0 else ""
+                    row.append(f"[{colour}]{rel:+.1f}%[/]" if colour else f"{rel:+.1f}%")
+            table.add_row(*row)
+    if baseline is not None:
+        row = ["Δm", "(a) ↓"]
+        for n in names:
+            if n == baseline:
+                row.append("0.00%")
+            else:
+                dm = delta_m(runs[n]["test"], runs[baseline]["test"], higher_is_better)
+                row.extend([f"{dm:+.2f}%", ""])
+        table.add_section()
+        table.add_row(*row)
+    return table
