@@ -11,8 +11,10 @@ A :class:`Backbone` exposes its stages: ``forward_stage(x, i)`` runs stage ``i``
 ``stage_channels[i]`` / ``stage_strides[i]`` describe its output, so that cross-stitch, MTAN and
 other stage-wise architectures can wrap any backbone. ``stages`` is usually an
 ``nn.ModuleList``; a backbone whose parameter names must match a published checkpoint (ResNet
-keeps torchvision's ``conv1``, ``layer1``...) may instead hold a plain list of modules that are
-registered under those names, so that ``state_dict()`` has no duplicated keys.
+keeps torchvision's ``conv1``, ``layer1``...) may instead make ``stages`` a plain list (or a
+property returning one) of callables over modules registered under those names, so that
+``state_dict()`` has no duplicated keys. Wrappers should call ``forward_stage`` and read
+``num_stages``, never index ``stages`` for its parameters.
 
 Images enter a backbone in [0, 1]; every built-in backbone standardises them itself with
 :class:`ImageNormalize` as the first step of stage 0, so datasets never need to know which
@@ -25,7 +27,6 @@ from collections.abc import Iterator, Sequence
 
 import torch
 from torch import nn
-
 
 #: ImageNet channel statistics used by torchvision's pretrained weights
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -107,13 +108,24 @@ class MultiTaskModel(nn.Module):
     def decode(self, rep: torch.Tensor, size: Sequence[int]) -> dict[str, torch.Tensor]:
         raise NotImplementedError(f"{type(self).__name__} has no single shared representation")
 
+    #: the shared representation of the last forward (in the autograd graph), for balancers
+    #: that take per-task gradients with respect to it; None for models without one
+    representation: torch.Tensor | None = None
+
     def forward(self, image: torch.Tensor) -> dict[str, torch.Tensor]:
-        return self.decode(self.encode(image), image.shape[-2:])
+        rep = self.encode(image)
+        self.representation = rep
+        return self.decode(rep, image.shape[-2:])
 
     def extra_loss(self) -> torch.Tensor | None:
         """An architecture's own regulariser (e.g. soft sharing's parameter distance), or None."""
         return None
 
-    def auxiliary_losses(self) -> dict[str, torch.Tensor]:
-        """Deep-supervision predictions of the last forward, ``{task: prediction}``, if any."""
+    def deep_supervision(self) -> dict[str, list[tuple[float, torch.Tensor]]]:
+        """Intermediate predictions of the last forward, for deep supervision (PAD-Net, MTI-Net).
+
+        ``{task: [(weight, prediction), ...]}`` with every prediction shaped like the task's
+        final one (at the image size). The trainer adds ``weight * task.loss(prediction,
+        target)`` to that task's loss before balancing. Empty for most architectures.
+        """
         return {}
