@@ -1,2 +1,3 @@
-"""Multi-task architectures."""
-from . import hps, stl  # noqa: F401
+"""Multi-task architectures, registered in :data:`mtlcv.registry.ARCHS`."""
+
+from . import cross_stitch, hps, mtan, mti_net, padnet, sps, stl  # noqa: F401  (register)
