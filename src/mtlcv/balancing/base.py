@@ -8,8 +8,11 @@ Two families (GUIDE.md, after torchjd and LibMTL):
 
 * **loss weighting** (:class:`Weighting`): ``weights(losses)`` returns a weight per task from the
   losses and their history; the update is the gradient of ``sum_k w_k L_k``;
-* **gradient aggregation**: the per-task gradients are stacked into a matrix ``G``
-  (tasks x parameters) and ``aggregate(G)`` maps it to one update vector.
+* **gradient aggregation** (:class:`GradientBalancer`): the per-task gradients are stacked into
+  a matrix ``G`` (tasks x parameters, see :mod:`mtlcv.balancing.jacobian`) and ``aggregate(G)``
+  maps it to one update vector. As in torchjd, most aggregators are a *weighting of the Gramian*
+  ``G G^T`` (``gramian_weights``) followed by ``w @ G``; every aggregator also works on a bare
+  matrix, without a model, and keeps the last task weights in ``last_weights``.
 
 Stateful methods keep their state in ``state_dict()`` (buffers, parameters and
 ``get_extra_state``), which checkpoints save and ``--resume`` restores. Learnable balancer
@@ -22,9 +25,15 @@ Construction: ``mtlcv.balancing.create(name, num_tasks=T, **options)``.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
+
+from ..errors import ConfigError
+
+if TYPE_CHECKING:
+    from .jacobian import TaskGradients
 
 
 class Balancer(nn.Module):
@@ -64,4 +73,125 @@ class Weighting(Balancer):
         w = self.weights(losses)
         total = (w * losses).sum()
         total.backward()
-        return {f"w{k}": float(v) for k, v in enumerate(w.detach().flatten().tolist())}
+        return weight_logs(w)
+
+
+def weight_logs(w: torch.Tensor | None) -> dict[str, float]:
+    """``{"w0": ..., "w1": ...}``: the task weights as floats, for the training log."""
+    if w is None:
+        return {}
+    return {f"w{k}": float(v) for k, v in enumerate(w.detach().flatten().tolist())}
+
+
+class GradientBalancer(Balancer):
+    """Gradient aggregation: per-task gradients ``G`` (T x P) -> one update vector (P).
+
+    Subclasses implement ``gramian_weights(M)`` (weights from the Gramian ``M = G G^T``, the update
+    being ``w @ G``) or override ``aggregate(G, losses)`` altogether. ``backward`` computes ``G``
+    with :func:`mtlcv.balancing.jacobian.task_gradients` in ``self.mode`` and writes the update
+    into the shared parameters' ``.grad``; head parameters get their own task's gradient, scaled
+    by ``last_weights`` when ``scale_task_params`` is True.
+
+    Args:
+        num_tasks: T.
+        mode: ``"param"`` (per-task gradients of the shared parameters, exact) or ``"rep"``
+            (of the shared representation, the MGDA-UB shortcut); default: the method's own.
+        batched: compute the Jacobian with one batched (vmapped) backward pass instead of T.
+    """
+
+    family = "aggregation"
+    #: the gradient space the method is defined in (see jacobian.py)
+    default_mode: str = "param"
+    #: heads get ``w_t * grad L_t`` (True) or ``grad L_t`` (False)
+    scale_task_params: bool = False
+
+    def __init__(self, num_tasks: int, mode: str | None = None, batched: bool = True) -> None:
+        super().__init__(num_tasks)
+        from .jacobian import check_mode
+
+        self.mode = check_mode(mode or self.default_mode)
+        self.batched = bool(batched)
+        #: task weights of the last call (None for methods without weights)
+        self.last_weights: torch.Tensor | None = None
+        # set once a batched Jacobian has worked, so later steps may free the graph at once
+        self._batched_ok = False
+
+    # ------------------------------------------------------------------ matrix -> vector
+    def gramian_weights(self, M: torch.Tensor, losses: torch.Tensor | None = None) -> torch.Tensor:
+        """Task weights ``[T]`` from the Gramian ``M = G G^T`` ``[T, T]`` (float64)."""
+        raise NotImplementedError
+
+    def aggregate(self, G: torch.Tensor, losses: torch.Tensor | None = None) -> torch.Tensor:
+        """The update ``[P]`` for the per-task gradients ``G`` ``[T, P]``.
+
+        ``losses`` (``[T]``, detached) is needed only by methods that use loss values (MGDA's
+        ``loss`` normalisations); it may be omitted otherwise.
+        """
+        G = _check_matrix(G, self.num_tasks)
+        M = (G @ G.T).double()
+        w = self.gramian_weights(M, losses)
+        self.last_weights = w.to(device=G.device, dtype=G.dtype)
+        return self.last_weights @ G
+
+    # ------------------------------------------------------------------ model
+    def loss_scale(self, losses: torch.Tensor) -> torch.Tensor | None:
+        """Per-task factors ``c_t`` of the gradients: ``G``'s rows and the heads' gradients are
+        ``c_t grad L_t``, the gradients of a transformed loss ``f_t(L_t)`` with ``c_t = f_t'(L_t)``
+        (DB-MTL's ``log``: ``1/L_t``; IMTL's ``exp(s_t) L_t``: ``exp(s_t)``). None: all 1."""
+        return None
+
+    def aggregate_gradients(self, tg: TaskGradients, losses: torch.Tensor) -> torch.Tensor:
+        """``aggregate`` on the step's gradients (GradDrop also needs the representation)."""
+        return self.aggregate(tg.matrix, losses)
+
+    def backward(self, losses: torch.Tensor, model: nn.Module | None = None) -> dict[str, float]:
+        from .jacobian import task_gradients
+
+        if model is None:
+            raise TypeError(f"{type(self).__name__}.backward needs the model")
+        scale = self.loss_scale(losses)
+        info: dict = {}
+        tg = task_gradients(
+            losses, model, self.mode, scale=scale, batched=self.batched,
+            safe=not self._batched_ok, info=info,
+        )
+        self._batched_ok = self._batched_ok or bool(info.get("batched"))
+        update = self.aggregate_gradients(tg, losses.detach())
+        if self.scale_task_params and self.last_weights is not None:
+            coeffs = self.last_weights
+        else:
+            coeffs = torch.ones(self.num_tasks, device=update.device, dtype=update.dtype)
+        tg.apply(update, coeffs)
+        self.after_backward(model)
+        return weight_logs(self.last_weights)
+
+    def after_backward(self, model: nn.Module) -> None:
+        """Hook run once ``.grad`` is set (Nash-MTL clips the shared gradient norm here)."""
+
+
+def _check_matrix(G: torch.Tensor, T: int) -> torch.Tensor:
+    if G.dim() != 2 or G.shape[0] != T:
+        raise ValueError(f"expected a gradient matrix of shape [{T}, P], got {list(G.shape)}")
+    return G
+
+
+def clip_shared(model: nn.Module, max_norm: float) -> None:
+    """Clip the total gradient norm of ``model``'s shared parameters (Nash-MTL's, FAMO's code)."""
+    if max_norm > 0:
+        from .jacobian import split_parameters
+
+        shared = [p for p in split_parameters(model)[0] if p.grad is not None]
+        if shared:
+            torch.nn.utils.clip_grad_norm_(shared, max_norm)
+
+
+def check_positive(value: float, key: str, allow_zero: bool = False) -> float:
+    """``value`` as a float, or a ConfigError naming ``balancer.options.<key>``."""
+    try:
+        v = float(value)
+    except (TypeError, ValueError):
+        raise ConfigError(f"balancer.options.{key} must be a number, got {value!r}") from None
+    if v < 0 or (v == 0 and not allow_zero) or v != v:
+        bound = ">= 0" if allow_zero else "> 0"
+        raise ConfigError(f"balancer.options.{key} must be {bound}, got {value!r}")
+    return v

@@ -1,0 +1,108 @@
+"""FAMO: Fast Adaptive Multitask Optimization (Liu, Liang, Stone & Liu, NeurIPS 2023)."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from ..registry import BALANCERS
+from .base import Weighting, check_positive, clip_shared, weight_logs
+
+
+class FAMO(Weighting):
+    """FAMO: decrease all task losses at an equal *log* rate, in O(1) space and time.
+
+    Liu et al., "FAMO: Fast Adaptive Multitask Optimization", NeurIPS 2023, Algorithm 1.
+    Task logits ``xi`` (init 0) give ``z = softmax(xi)``; the network follows the gradient of
+    ``sum_t z_t log(L_t - L*_t + eps) / c`` with ``c = sum_t z_t / (L_t - L*_t + eps)`` (sec. 3),
+    i.e. the loss weights ``w_t = z_t / (c (L_t - L*_t + eps))`` (they sum to 1). After the step the
+    logits move with ``delta_t = log(L_t(before) + eps) - log(L_t(after) + eps)``: ``xi`` follows
+    ``J_softmax(xi)^T delta`` through Adam with learning rate 0.025 and weight decay
+    ``gamma = 0.01`` (the paper's regulariser, its default for NYUv2), which shifts weight to the
+    tasks whose loss decreases slowest. ``L*_t = 0`` (``min_losses``), ``eps = 1e-8``, and, as in
+    the official code, the shared gradient is clipped to norm ``max_norm = 1.0`` (0 disables).
+
+    Losses "after" the step: the official code evaluates the updated model on the same batch
+    with an extra forward pass. A balancer never sees the batch, so the losses of the *next*
+    step (next batch, updated model) play that role: the logits are updated at the start of each
+    ``backward`` from the previous step's losses and the current ones. This is our approximation
+    (one step late, and noisier by the batch-to-batch loss variation), chosen to keep FAMO's
+    O(1) cost and the trainer's contract; it is documented as a deviation from the paper.
+
+    State (in ``state_dict()``): the logits, the Adam moments and step count, the previous losses.
+    The logits are buffers, not parameters: FAMO updates them with its own Adam, never the
+    trainer's optimizer.
+    """
+
+    def __init__(
+        self,
+        num_tasks: int,
+        gamma: float = 0.01,
+        lr: float = 0.025,
+        max_norm: float = 1.0,
+        min_losses: list[float] | None = None,
+    ) -> None:
+        super().__init__(num_tasks)
+        self.gamma = check_positive(gamma, "gamma", allow_zero=True)
+        self.lr = check_positive(lr, "lr")
+        self.max_norm = check_positive(max_norm, "max_norm", allow_zero=True)
+        mins = torch.zeros(num_tasks) if min_losses is None else torch.tensor(min_losses).float()
+        self.register_buffer("min_losses", mins.reshape(num_tasks))
+        self.register_buffer("logits", torch.zeros(num_tasks, dtype=torch.float64))
+        self.register_buffer("exp_avg", torch.zeros(num_tasks, dtype=torch.float64))
+        self.register_buffer("exp_avg_sq", torch.zeros(num_tasks, dtype=torch.float64))
+        self.register_buffer("adam_steps", torch.zeros((), dtype=torch.long))
+        self.register_buffer("prev_losses", torch.zeros(num_tasks, dtype=torch.float64))
+        self.register_buffer("has_prev", torch.zeros((), dtype=torch.bool))
+
+    def z(self) -> torch.Tensor:
+        return torch.softmax(self.logits, 0)
+
+    @torch.no_grad()
+    def update(self, losses_after: torch.Tensor) -> None:
+        """Algorithm 1, lines 7-8: move the logits given the losses after the last step."""
+        eps = 1e-8
+        before = (self.prev_losses - self.min_losses.double() + eps).log()
+        after = (losses_after.double() - self.min_losses.double() + eps).log()
+        delta = before - after
+        z = self.z()
+        grad = z * (delta - (z * delta).sum())  # J_softmax^T delta
+        # torch.optim.Adam(lr, betas=(0.9, 0.999), eps=1e-8, weight_decay=gamma), by hand so that
+        # its state is in state_dict()
+        grad = grad + self.gamma * self.logits
+        self.adam_steps += 1
+        k = int(self.adam_steps)
+        self.exp_avg.mul_(0.9).add_(0.1 * grad)
+        self.exp_avg_sq.mul_(0.999).add_(0.001 * grad * grad)
+        m_hat = self.exp_avg / (1 - 0.9**k)
+        v_hat = self.exp_avg_sq / (1 - 0.999**k)
+        self.logits.sub_(self.lr * m_hat / (v_hat.sqrt() + 1e-8))
+
+    def weights(self, losses: torch.Tensor) -> torch.Tensor:
+        cur = losses.detach()
+        if bool(self.has_prev):
+            self.update(cur)
+        self.prev_losses.copy_(cur.double())
+        self.has_prev.fill_(True)
+        z = self.z()
+        D = cur.double() - self.min_losses.double() + 1e-8
+        c = (z / D).sum()
+        return (z / (c * D)).to(losses.dtype)
+
+    def backward(self, losses: torch.Tensor, model: nn.Module | None = None) -> dict[str, float]:
+        w = self.weights(losses)
+        (w * losses).sum().backward()
+        if model is not None:
+            clip_shared(model, self.max_norm)
+        return weight_logs(self.z())
+
+
+@BALANCERS.register("famo", help="FAMO (Liu et al. 2023), gamma 0.01, logit lr 0.025")
+def famo(
+    num_tasks: int,
+    gamma: float = 0.01,
+    lr: float = 0.025,
+    max_norm: float = 1.0,
+    min_losses: list[float] | None = None,
+) -> FAMO:
+    return FAMO(num_tasks, gamma, lr, max_norm, min_losses)

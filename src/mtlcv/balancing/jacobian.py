@@ -1,0 +1,358 @@
+"""Per-task gradients, computed once for every gradient method.
+
+A gradient method needs the matrix ``G`` (tasks x columns) of per-task gradients, in one of two
+spaces (``mode``):
+
+* ``"param"``: the gradients of every task loss with respect to the **shared parameters**. This is
+  the space in which every method is defined, so it is *exact* for all of them.
+* ``"rep"``: the gradients with respect to the **shared representation** ``z`` (the MGDA-UB
+  shortcut, Sener & Koltun 2018, sec. 3.3; LibMTL's ``rep_grad``). The method's update ``d_z`` is
+  then backpropagated through the encoder (``z.backward(d_z)``). Exact for MGDA-UB and for GradDrop
+  (both are *defined* at the representation); for every other method it is an approximation, as
+  the encoder Jacobian does not preserve the geometry of the task gradients.
+
+Default mode per method: ``"rep"`` for mgda-ub and graddrop (exact: both are defined at the
+representation); ``"param"`` (exact) for pcgrad, mgda, cagrad, nashmtl, imtl-g, imtl,
+aligned-mtl, upgrad, gradvac and dbmtl. Any of them accepts ``mode="rep"`` (LibMTL's
+``rep_grad``), which is then an approximation; ``mgda`` with ``mode="rep"`` *is* MGDA-UB.
+
+Cost. A plain ``sum(losses).backward()`` runs each head once and the encoder once. Here, with a
+model that has a representation (``model.has_representation``, ``model.representation`` set by
+the last forward), the heads are still run once each: one small ``autograd.grad`` per task gives
+``dL_t/dz`` and the head's own gradient, starting at task t's own loss (an edge of the trainer's
+``torch.stack``; starting at ``losses[t]`` would run every head) and never entering the encoder.
+In ``"param"`` mode the encoder part of ``G`` then comes from **one batched vector-Jacobian
+product** through the encoder for all T tasks at once (``autograd.grad(z, shared,
+grad_outputs=[dL_t/dz]_t, is_grads_batched=True)``, i.e. vmap over T cotangents); in ``"rep"``
+mode the encoder is run backwards exactly once, as in plain training. Each part of the graph is
+freed as soon as it has been used, so no activation outlives the step. Models without a
+representation (or whose heads also use shared parameters or other tasks' parameters, which a
+walk of the heads' graph detects) are computed in ``"param"`` mode whatever the method asks, with
+the whole Jacobian from one batched VJP of the loss vector with one-hot cotangents. Whenever
+batching fails (an operator without a vmap rule) a loop of T ``autograd.grad`` calls is used.
+
+Task-specific parameters. A head's parameters get the gradient of their own task's loss, scaled
+by the method's weight of that task when the method's update is such a weighted sum (MGDA,
+MGDA-UB, Nash-MTL: their official code backpropagates ``sum_t w_t L_t`` through the whole network)
+and unscaled otherwise (PCGrad, CAGrad, IMTL, UPGrad, ... whose official code, like LibMTL and
+torchjd's ``mtl_backward``, gives the heads their plain loss gradients); see each class's
+``scale_task_params``. Parameters that no task claims (e.g. cross-stitch units) or that several
+tasks claim count as shared.
+
+Example:
+    >>> import torch
+    >>> from mtlcv.balancing.jacobian import jacobian
+    >>> x = torch.tensor([1.0, 2.0], requires_grad=True)
+    >>> J, = jacobian(torch.stack([x.sum(), (x * x).sum()]), [x])
+    >>> J.tolist()
+    [[1.0, 1.0], [2.0, 4.0]]
+"""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+from torch.autograd.graph import GradientEdge
+
+from ..errors import ConfigError
+
+MODES = ("param", "rep")
+
+
+def check_mode(mode: str, where: str = "balancer.options.mode") -> str:
+    if mode not in MODES:
+        raise ConfigError(f"{where} is {mode!r}; expected one of {', '.join(MODES)}")
+    return mode
+
+
+def split_parameters(model: nn.Module) -> tuple[list[nn.Parameter], list[list[nn.Parameter]]]:
+    """``(shared, per_task)``: trainable parameters used by all tasks, and those of each task.
+
+    ``per_task`` follows ``model.tasks``; a parameter claimed by no task or by several tasks is
+    shared. A model without ``tasks``/``task_parameters`` has only shared parameters.
+    """
+    params = [p for p in model.parameters() if p.requires_grad]
+    tasks = getattr(model, "tasks", None)
+    if not tasks or not hasattr(model, "task_parameters"):
+        return params, []
+    claims: dict[int, int] = {}
+    per_task_all = [list(model.task_parameters(t)) for t in tasks]
+    for ps in per_task_all:
+        for p in {id(p): p for p in ps}.values():
+            claims[id(p)] = claims.get(id(p), 0) + 1
+    own = [
+        [p for p in {id(p): p for p in ps}.values() if p.requires_grad and claims[id(p)] == 1]
+        for ps in per_task_all
+    ]
+    owned = {id(p) for ps in own for p in ps}
+    shared = [p for p in params if id(p) not in owned]
+    return shared, own
+
+
+_warned = False
+
+
+def jacobian(
+    outputs: torch.Tensor,
+    inputs: Sequence[torch.Tensor],
+    grad_outputs: torch.Tensor | None = None,
+    *,
+    batched: bool = True,
+    retain_graph: bool = True,
+    safe: bool = True,
+    info: dict | None = None,
+) -> list[torch.Tensor]:
+    """Rows ``t`` of the Jacobian of ``outputs`` with respect to each of ``inputs``.
+
+    ``grad_outputs`` holds T cotangents stacked on dim 0 (default: the one-hot rows of the
+    identity, for a vector ``outputs`` of length T); the result has one ``[T, *input.shape]`` tensor
+    per input (zeros where an input is unused). ``batched`` computes all T vector-Jacobian products
+    in one vmapped backward pass and falls back to a loop when batching is unsupported. ``safe``
+    keeps the graph through the batched attempt so that the fallback can run; callers that
+    know batching works for their graph pass ``safe=False`` so that ``retain_graph=False`` frees
+    the graph at once (a retained graph would live on until the trainer drops ``losses``, i.e.
+    through the next forward pass). ``info["batched"]`` tells which way was taken and
+    ``info["unused"]`` which inputs no output depends on (their rows are zeros).
+    """
+    global _warned
+    if grad_outputs is None:
+        T = outputs.shape[0]
+        grad_outputs = torch.eye(T, dtype=outputs.dtype, device=outputs.device)
+    T = grad_outputs.shape[0]
+    inputs = list(inputs)
+    if not inputs:
+        return []
+
+    def zeros(x: torch.Tensor, lead: tuple[int, ...]) -> torch.Tensor:
+        return torch.zeros(*lead, *x.shape, dtype=x.dtype, device=x.device)
+
+    if batched and T > 1:
+        try:
+            # keep the graph on a failed attempt so that the loop below can still run
+            gs = torch.autograd.grad(
+                outputs, inputs, grad_outputs, retain_graph=retain_graph or safe,
+                allow_unused=True, is_grads_batched=True,
+            )
+            if info is not None:
+                info["batched"] = True
+                info["unused"] = [g is None for g in gs]
+            return [zeros(x, (T,)) if g is None else g for g, x in zip(gs, inputs)]
+        except RuntimeError as exc:  # an operator without a batching rule
+            if not _warned:
+                warnings.warn(
+                    f"batched Jacobian failed ({str(exc).splitlines()[0]}); using a loop of "
+                    "per-task backward passes", RuntimeWarning, stacklevel=2,
+                )
+                _warned = True
+    rows = []
+    for t in range(T):
+        rows.append(torch.autograd.grad(
+            outputs, inputs, grad_outputs[t], retain_graph=retain_graph or t < T - 1,
+            allow_unused=True,
+        ))
+    unused = [all(r[i] is None for r in rows) for i in range(len(inputs))]
+    if info is not None:
+        info["batched"] = False
+        info["unused"] = unused
+    return [
+        torch.stack([zeros(x, ()) if r[i] is None else r[i] for r in rows])
+        for i, x in enumerate(inputs)
+    ]
+
+
+def _walk(root: object, stop: object) -> tuple[set[int], set[int], set[int]]:
+    """Walk the graph from ``root`` without passing ``stop``.
+
+    Returns the ids of the leaf tensors reached, of the nodes visited, and of the visited nodes
+    that hold saved tensors (freed by a backward pass without ``retain_graph``).
+    """
+    leaves: set[int] = set()
+    seen: set[int] = set()
+    holding: set[int] = set()
+    stack = [root]
+    while stack:
+        fn = stack.pop()
+        if fn is None or fn is stop or id(fn) in seen:
+            continue
+        seen.add(id(fn))
+        var = getattr(fn, "variable", None)
+        if var is not None:
+            leaves.add(id(var))
+        elif any(a.startswith("_raw_saved") for a in dir(fn)):
+            holding.add(id(fn))
+        stack.extend(nf for nf, _ in fn.next_functions)
+    return leaves, seen, holding
+
+
+def _add_grad(p: torch.Tensor, g: torch.Tensor) -> None:
+    g = g.detach().reshape(p.shape).to(p.dtype)
+    if p.grad is None:
+        p.grad = g.clone()
+    else:
+        p.grad.add_(g)
+
+
+@dataclass
+class TaskGradients:
+    """The per-task gradients of one step, and how to write an update back into ``.grad``.
+
+    Attributes:
+        matrix: ``G``, shape ``[T, P]``; row ``t`` is task ``t``'s gradient, flattened.
+        mode: ``"param"`` (columns = shared parameters) or ``"rep"`` (columns = the representation).
+        shared: the shared parameters that receive the update.
+        rep: the representation tensor in ``"rep"`` mode (its shape un-flattens the columns).
+        own: ``(param, task, grad)``: a head parameter's gradient of its own task's loss.
+        stacked: ``(param, grads[T, ...])``: task parameters whose per-task rows were computed
+            together (models without a separable representation).
+        skip: ids of the shared parameters no loss depends on (their ``.grad`` stays None).
+    """
+
+    matrix: torch.Tensor
+    mode: str
+    shared: list[nn.Parameter]
+    rep: torch.Tensor | None = None
+    own: list[tuple[nn.Parameter, int, torch.Tensor]] = field(default_factory=list)
+    stacked: list[tuple[nn.Parameter, torch.Tensor]] = field(default_factory=list)
+    skip: set[int] = field(default_factory=set)
+
+    def apply(self, update: torch.Tensor, task_coeffs: torch.Tensor) -> None:
+        """Accumulate ``update`` (shape ``[P]``) into the shared ``.grad`` and the heads' gradients
+        scaled by ``task_coeffs`` (shape ``[T]``) into the task parameters' ``.grad``."""
+        update = update.detach()
+        if self.mode == "rep":
+            assert self.rep is not None
+            if self.shared:
+                torch.autograd.backward(
+                    self.rep, update.reshape(self.rep.shape).to(self.rep.dtype),
+                    inputs=self.shared,
+                )
+        else:
+            i = 0
+            for p in self.shared:
+                n = p.numel()
+                if id(p) not in self.skip:
+                    _add_grad(p, update[i : i + n])
+                i += n
+        c = task_coeffs.detach()
+        for p, t, g in self.own:
+            _add_grad(p, c[t].to(g.dtype) * g)
+        for p, g in self.stacked:
+            _add_grad(p, torch.tensordot(c.to(g.dtype), g, dims=1))
+
+
+def per_task_edges(losses: torch.Tensor) -> list[GradientEdge | None] | None:
+    """The graph edges of the individual task losses, when ``losses`` is ``torch.stack(list)``.
+
+    Starting a backward pass at ``losses[t]`` would run *every* head (``StackBackward`` hands
+    zero gradients to all the other tasks' losses); starting at task t's own loss runs head t
+    alone. Returns None when ``losses`` was built some other way (no split is possible then).
+    """
+    fn = losses.grad_fn
+    T = losses.shape[0]
+    if (
+        losses.dim() != 1
+        or fn is None
+        or fn.name() != "StackBackward0"
+        or getattr(fn, "_saved_dim", None) != 0
+        or len(fn.next_functions) != T
+    ):
+        return None
+    return [None if node is None else GradientEdge(node, nr) for node, nr in fn.next_functions]
+
+
+def task_gradients(
+    losses: torch.Tensor,
+    model: nn.Module,
+    mode: str = "param",
+    *,
+    scale: torch.Tensor | None = None,
+    batched: bool = True,
+    safe: bool = True,
+    info: dict | None = None,
+) -> TaskGradients:
+    """Compute ``G`` for the loss vector ``losses`` (shape ``[T]``) of ``model``'s last forward.
+
+    ``losses`` is the trainer's ``torch.stack`` of the task losses; ``scale`` (``[T]``, optional)
+    multiplies task t's gradients (shared rows and head gradients) by ``scale[t]``: the
+    derivative of a per-task loss transform such as DB-MTL's ``log L_t``. ``mode="rep"`` needs
+    ``model.has_representation``, ``model.representation`` and heads that reach the shared
+    parameters only through it; other models fall back to ``"param"`` (the exact space). See the
+    module docstring for what is computed how, and :func:`jacobian` for ``batched``, ``safe``
+    and ``info``.
+    """
+    check_mode(mode)
+    T = losses.shape[0]
+    c = torch.ones(T, dtype=losses.dtype, device=losses.device) if scale is None else scale
+    c = c.detach().to(losses.dtype)
+    shared, own = split_parameters(model)
+    if own and len(own) != T:
+        raise ValueError(f"model has {len(own)} tasks but {T} losses were given")
+    own = own or [[] for _ in range(T)]
+    rep = None
+    if getattr(model, "has_representation", False):
+        rep = getattr(model, "representation", None)
+        if not (isinstance(rep, torch.Tensor) and rep.requires_grad):
+            rep = None
+    edges = per_task_edges(losses) if rep is not None else None
+    # the two-stage path needs every shared parameter (and every other task's head) to reach
+    # each task's loss only through the representation
+    separable = edges is not None
+    # heads whose graphs share no node holding tensors can each free their graph when done
+    free_heads = separable
+    if separable:
+        shared_ids = {id(p) for p in shared}
+        visited: set[int] = set()
+        for t, edge in enumerate(edges):
+            if edge is None:
+                continue
+            others = {id(p) for s, ps in enumerate(own) if s != t for p in ps}
+            leaves, nodes, holding = _walk(edge.node, rep.grad_fn)
+            if leaves & (shared_ids | others):
+                separable = False
+                break
+            if holding & visited:
+                free_heads = False
+            visited |= nodes
+    jinfo: dict = {}
+    kw = dict(batched=batched, safe=safe, info=jinfo)
+    if not separable:
+        # no head/encoder split: the exact parameter space, from one batched VJP of the losses
+        task_params = [p for ps in own for p in ps]
+        inputs = [*shared, *task_params]
+        J = jacobian(losses, inputs, torch.diag(c), retain_graph=False, **kw)
+        _report(info, jinfo)
+        Js, Jh = J[: len(shared)], J[len(shared) :]
+        G = torch.cat([j.reshape(T, -1) for j in Js], 1) if Js else losses.new_zeros(T, 0)
+        # parameters no loss depends on keep .grad = None, as after a plain backward
+        skip = {id(p) for p, u in zip(inputs, jinfo.get("unused", [])) if u}
+        stacked = [(p, j) for p, j in zip(task_params, Jh) if id(p) not in skip]
+        return TaskGradients(G.detach(), "param", shared, stacked=stacked, skip=skip)
+    # stage 1: the heads, once each: c_t dL_t/dz and the head's own gradient
+    rows, own_grads = [], []
+    for t, edge in enumerate(edges):
+        gs: Sequence[torch.Tensor | None] = [None] * (1 + len(own[t]))
+        if edge is not None:
+            gs = torch.autograd.grad(
+                [edge], [rep, *own[t]], [c[t].reshape(losses.shape[1:])],
+                retain_graph=not free_heads, allow_unused=True,
+            )
+        rows.append(torch.zeros_like(rep) if gs[0] is None else gs[0])
+        own_grads += [(p, t, g) for p, g in zip(own[t], gs[1:]) if g is not None]
+    R = torch.stack(rows)
+    if mode == "rep":
+        return TaskGradients(R.reshape(T, -1), "rep", shared, rep, own=own_grads)
+    # stage 2: the encoder, one batched vector-Jacobian product for all tasks
+    Js = jacobian(rep, shared, R, retain_graph=False, **kw)
+    _report(info, jinfo)
+    G = torch.cat([j.reshape(T, -1) for j in Js], 1) if Js else losses.new_zeros(T, 0)
+    skip = {id(p) for p, u in zip(shared, jinfo.get("unused", [])) if u}
+    return TaskGradients(G.detach(), "param", shared, own=own_grads, skip=skip)
+
+
+def _report(info: dict | None, jinfo: dict) -> None:
+    if info is not None and "batched" in jinfo:
+        info["batched"] = jinfo["batched"]
