@@ -167,7 +167,9 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
 
 
 def _bad(key: str, value: Any, expected: str) -> None:
-    raise ConfigError(f"config key {key!r}: got {value!r} ({type(value).__name__}), expected {expected}")
+    raise ConfigError(
+        f"config key {key!r}: got {value!r} ({type(value).__name__}), expected {expected}"
+    )
 
 
 def _build(cls: type, data: Any, prefix: str) -> Any:
@@ -196,7 +198,8 @@ def validate(cfg: ExperimentConfig) -> ExperimentConfig:
         raise ConfigError(f"config key 'tasks': got duplicates in {cfg.tasks}")
     if cfg.optim.name not in OPTIMIZERS:
         raise ConfigError(
-            f"config key 'optim.name': got {cfg.optim.name!r}, expected one of {', '.join(OPTIMIZERS)}"
+            f"config key 'optim.name': got {cfg.optim.name!r}, "
+            f"expected one of {', '.join(OPTIMIZERS)}"
         )
     if cfg.schedule.name not in SCHEDULES:
         raise ConfigError(
@@ -245,7 +248,9 @@ def parse_override(item: str) -> tuple[list[str], Any]:
     key, raw = item.split("=", 1)
     key = key.strip()
     if not key or any(not part for part in key.split(".")):
-        raise ConfigError(f"--set {item!r}: expected KEY=VALUE with a dotted key, e.g. train.epochs=5")
+        raise ConfigError(
+            f"--set {item!r}: expected KEY=VALUE with a dotted key, e.g. train.epochs=5"
+        )
     try:
         value = yaml.safe_load(raw) if raw.strip() else None
     except yaml.YAMLError:

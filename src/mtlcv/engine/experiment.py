@@ -14,6 +14,7 @@ from typing import Any
 import torch
 from torch.utils.data import DataLoader
 
+from ..analysis.baselines import get_baseline
 from ..config import ExperimentConfig
 from ..errors import ConfigError, MtlcvError
 from ..registry import DATASETS, TASKS
@@ -146,10 +147,6 @@ def load_baselines(spec: str) -> dict[str, dict[str, dict[str, float]]]:
             raise ConfigError(
                 f"config key 'baselines': {str(path)!r} is not a results.json with 'test' metrics"
             ) from None
-    try:
-        from ..analysis.baselines import get_baseline
-    except ImportError:  # pragma: no cover - named baselines ship with the NYUv2 module
-        raise ConfigError(f"config key 'baselines': {spec!r} is neither a file nor a run directory") from None
     try:
         metrics = get_baseline(spec)
     except MtlcvError as exc:

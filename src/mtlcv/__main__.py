@@ -1,0 +1,7 @@
+"""``python -m mtlcv`` is the ``mtlcv`` command."""
+
+import sys
+
+from .cli import main
+
+sys.exit(main())

@@ -1,0 +1,297 @@
+"""The ``mtlcv`` command line: train, eval, data, list, demo.
+
+Every user mistake (a bad config key, a missing file, a corrupt cache) is an
+:class:`~mtlcv.errors.MtlcvError`: the CLI prints its one line and exits with code 2, never a
+traceback. Ctrl-C exits with 130 and leaves the last complete epoch's checkpoint in place.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from collections.abc import Sequence
+from pathlib import Path
+
+from . import __version__
+from .errors import ConfigError, MtlcvError
+
+
+def _console():  # rich is imported lazily: `mtlcv --help` stays fast
+    from rich.console import Console
+
+    return Console()
+
+
+def _size(text: str) -> tuple[int, int]:
+    try:
+        h, w = (int(v) for v in text.lower().split("x"))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected HxW, e.g. 96x128, got {text!r}") from None
+    if h < 8 or w < 8:
+        raise argparse.ArgumentTypeError(f"image size must be at least 8x8, got {text!r}")
+    return h, w
+
+
+def _positive(text: str) -> int:
+    try:
+        v = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
+    if v < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
+    return v
+
+
+# ---------------------------------------------------------------------- commands
+def cmd_train(args: argparse.Namespace) -> int:
+    from .config import load
+    from .engine.trainer import train
+
+    if args.resume and args.out is None:
+        raise ConfigError("--resume needs --out DIR, the run directory to continue")
+    if args.config is None and not args.resume:
+        raise ConfigError("train needs --config FILE (see configs/ for ready experiments)")
+    config = args.config
+    if config is None:  # resume with the run's own config
+        config = Path(args.out) / "config.yaml"
+    cfg = load(config, args.set)
+    out = (
+        Path(args.out)
+        if args.out
+        else Path("runs") / f"{cfg.name}-{time.strftime('%Y%m%d-%H%M%S')}"
+    )
+    results = train(cfg, out, resume=args.resume)
+    if results is not None:
+        _print_results(results, out)
+    return 0
+
+
+def _print_results(results: dict, out: Path) -> None:
+    from .analysis.tables import comparison_table
+    from .registry import TASKS
+
+    higher = {t: TASKS.create(t).higher_is_better for t in results["test"]}
+    con = _console()
+    con.print(comparison_table({results["name"]: results}, higher, title=f"test metrics ({out})"))
+    if "delta_m" in results:
+        con.print(
+            f"Δm vs {results['baselines']}: {results['delta_m']['test']:+.2f}% (lower is better)"
+        )
+    con.print(f"run directory: {out}")
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    from .analysis import delta_m
+    from .analysis.tables import comparison_table
+    from .config import load
+    from .engine.checkpoint import load_checkpoint
+    from .engine.evaluate import evaluate
+    from .engine.experiment import build, load_baselines, make_loader
+    from .engine.trainer import _on_baseline_metrics
+
+    run = Path(args.run)
+    if not (run / "config.yaml").is_file():
+        raise ConfigError(f"--run {str(run)!r} is not a run directory (no config.yaml)")
+    cfg = load(run / "config.yaml", args.set)
+    exp = build(cfg, splits=(args.split,))
+    ckpt = load_checkpoint(run / f"{args.checkpoint}.pt", map_location=exp.device)
+    exp.model.load_state_dict(ckpt["model"])
+    loader = make_loader(cfg, exp.datasets[args.split], train=False)
+    metrics = evaluate(exp.model, exp.tasks, loader, exp.device)
+    result = {
+        "name": cfg.name,
+        "split": args.split,
+        "checkpoint": args.checkpoint,
+        "epoch": ckpt.get("epoch"),
+        "test": metrics,
+    }
+    higher = {n: t.higher_is_better for n, t in exp.tasks.items()}
+    if cfg.baselines:
+        base = load_baselines(cfg.baselines)[args.split]
+        result["delta_m"] = delta_m(_on_baseline_metrics(metrics, base), base, higher)
+    if args.json:
+        print(json.dumps(result, indent=2))
+        return 0
+    con = _console()
+    con.print(
+        comparison_table(
+            {f"{cfg.name} ({args.checkpoint}, epoch {result['epoch']})": result},
+            higher,
+            title=f"{args.split} metrics of {run}",
+        )
+    )
+    if "delta_m" in result:
+        con.print(f"Δm vs {cfg.baselines}: {result['delta_m']:+.2f}% (lower is better)")
+    return 0
+
+
+def cmd_data_scenes(args: argparse.Namespace) -> int:
+    from .data.scenes import write_cache
+
+    path = write_cache(args.out, n=args.n, size=args.size, seed=args.seed, progress=True)
+    print(f"wrote {args.n} scenes at {args.size[0]}x{args.size[1]} to {path}")
+    return 0
+
+
+def cmd_data_check(args: argparse.Namespace) -> int:
+    from .data.check import main_check
+
+    return main_check(args.path, kind=args.kind)
+
+
+def cmd_list(args: argparse.Namespace) -> int:
+    from .registry import ALL
+
+    for kind, reg in ALL.items():
+        if args.kind and kind != args.kind:
+            continue
+        for entry in reg.items():
+            line = f"{kind:<13} {entry.name:<16} {entry.help}"
+            if kind == "architecture" and not args.no_size:
+                from .models.complexity import describe_arch
+
+                line += f" [{describe_arch(entry.name, args.size, backbone=args.backbone)}]"
+            print(line)
+    return 0
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from .analysis.tables import comparison_table
+    from .demo import run_demo
+    from .registry import TASKS
+
+    start = time.perf_counter()
+    results = run_demo(args.out, epochs=args.epochs, overrides=args.set)
+    higher = {t: TASKS.create(t).higher_is_better for t in results["hps"]["test"]}
+    con = _console()
+    con.print(
+        comparison_table(
+            {"STL": results["stl"], "HPS": results["hps"]},
+            higher,
+            baseline="STL",
+            title=f"scenes test split: single-task baselines (STL) vs hard sharing (HPS), "
+            f"{results['hps']['epochs']} epochs each",
+        )
+    )
+    wins, losses = [], []
+    for task, ms in higher.items():
+        for m, hib in ms.items():
+            a, b = results["hps"]["test"][task][m], results["stl"]["test"][task][m]
+            (wins if (a > b) == hib and a != b else losses).append(f"{task}.{m}")
+    con.print(
+        f"HPS is better than STL on {len(wins)} of {len(wins) + len(losses)} metrics"
+        + (f"; worse on: {', '.join(losses)}" if losses else "")
+    )
+    con.print(
+        f"parameters: STL {results['stl']['parameters']:,}, HPS {results['hps']['parameters']:,}"
+    )
+    con.print(f"run directories: {Path(args.out) / 'stl'}  {Path(args.out) / 'hps'}")
+    con.print(f"demo time: {time.perf_counter() - start:.0f} s")
+    return 0
+
+
+# ---------------------------------------------------------------------- parser
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="mtlcv", description="Multi-task learning for dense vision.")
+    p.add_argument("--version", action="version", version=f"mtlcv {__version__}")
+    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    t = sub.add_parser("train", help="train an experiment from a YAML config")
+    t.add_argument("--config", help="experiment YAML (optional with --resume)")
+    t.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override a config key, e.g. --set optim.lr=1e-4 (repeatable)",
+    )
+    t.add_argument("--out", help="run directory (default runs/NAME-TIMESTAMP)")
+    t.add_argument("--resume", action="store_true", help="continue the run in --out exactly")
+    t.set_defaults(func=cmd_train)
+
+    e = sub.add_parser("eval", help="evaluate a run's checkpoint on a split")
+    e.add_argument("--run", required=True, help="run directory")
+    e.add_argument("--split", default="test", choices=("train", "val", "test"))
+    e.add_argument("--checkpoint", default="best", choices=("best", "last"))
+    e.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override a config key (e.g. data.root=PATH)",
+    )
+    e.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    e.set_defaults(func=cmd_eval)
+
+    d = sub.add_parser("data", help="make or check datasets")
+    dsub = d.add_subparsers(dest="data_command", required=True, metavar="DATASET")
+    s = dsub.add_parser("scenes", help="render the procedural indoor-scenes dataset to a cache")
+    s.add_argument("--n", type=_positive, default=600, help="number of images (default 600)")
+    s.add_argument("--size", type=_size, default=(96, 128), help="HxW (default 96x128)")
+    s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--out", required=True, help="cache folder to write")
+    s.set_defaults(func=cmd_data_scenes)
+    c = dsub.add_parser("check", help="validate a NYUv2 folder or file; names every bad file")
+    c.add_argument("path", help="dataset folder (.npy layout), .mat file or fixture folder/npz")
+    c.add_argument(
+        "--kind",
+        choices=("nyuv2", "nyuv2-mat", "nyuv2-fixture"),
+        help="layout (default: detected from PATH)",
+    )
+    c.set_defaults(func=cmd_data_check)
+
+    ls = sub.add_parser("list", help="list registered tasks, datasets, models and balancers")
+    ls.add_argument(
+        "kind",
+        nargs="?",
+        choices=("task", "dataset", "backbone", "head", "architecture", "balancer"),
+    )
+    ls.add_argument(
+        "--size",
+        type=_size,
+        default=(96, 128),
+        help="resolution for the architectures' FLOPs (default 96x128)",
+    )
+    ls.add_argument(
+        "--backbone", default="tiny", help="backbone for the architectures' counts (default tiny)"
+    )
+    ls.add_argument(
+        "--no-size",
+        action="store_true",
+        help="skip building architectures to count parameters and FLOPs",
+    )
+    ls.set_defaults(func=cmd_list)
+
+    m = sub.add_parser("demo", help="STL vs hard sharing on the embedded scenes data (CPU)")
+    m.add_argument("--out", default="runs/demo", help="where the two runs go (default runs/demo)")
+    m.add_argument("--epochs", type=_positive, help="epochs per run (default 12)")
+    m.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override a key of the demo config",
+    )
+    m.set_defaults(func=cmd_demo)
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except MtlcvError as exc:
+        print(f"mtlcv: error: {exc}", file=sys.stderr)
+        return exc.exit_code
+    except KeyboardInterrupt:
+        print(
+            "mtlcv: interrupted; the last finished epoch is saved (continue with --resume)",
+            file=sys.stderr,
+        )
+        return 130
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

@@ -1,0 +1,55 @@
+"""Evaluation over a whole split with streaming metrics.
+
+Every task's metric accumulates over all batches of the split and is computed once at the end,
+so the numbers do not depend on batch size or order (see :mod:`mtlcv.tasks.base`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+from typing import Any
+
+import torch
+from torch import nn
+
+from ..tasks.base import Task
+
+Metrics = dict[str, dict[str, float]]
+
+
+def to_device(batch: Mapping[str, Any], device: torch.device) -> dict[str, Any]:
+    return {
+        k: v.to(device, non_blocking=True) if isinstance(v, torch.Tensor) else v
+        for k, v in batch.items()
+    }
+
+
+def check_batch(batch: Mapping[str, Any], tasks: Mapping[str, Task]) -> None:
+    """Raise DataError (naming the task and both shapes) when a target breaks the contract."""
+    image = batch["image"]
+    for name, task in tasks.items():
+        task.check_target(batch[name], image)
+
+
+@torch.no_grad()
+def evaluate(
+    model: nn.Module,
+    tasks: Mapping[str, Task],
+    loader: Iterable[Mapping[str, Any]],
+    device: torch.device,
+) -> Metrics:
+    """Run ``model`` over ``loader``; return ``{task: {metric: value}}`` over the whole split."""
+    was_training = model.training
+    model.eval()
+    metrics = {name: task.new_metric() for name, task in tasks.items()}
+    checked = False
+    for batch in loader:
+        batch = to_device(batch, device)
+        if not checked:
+            check_batch(batch, tasks)
+            checked = True
+        preds = model(batch["image"])
+        for name in tasks:
+            metrics[name].update(preds[name], batch[name])
+    model.train(was_training)
+    return {name: m.compute() for name, m in metrics.items()}

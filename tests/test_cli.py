@@ -1,0 +1,115 @@
+"""The command line: exit codes, one-line errors, list, data."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from mtlcv.cli import main
+
+
+def run_cli(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "mtlcv.cli", *args], capture_output=True, text=True, timeout=300
+    )
+
+
+def test_missing_config_is_one_line_exit_2(tmp_path):
+    r = run_cli("train", "--config", str(tmp_path / "missing.yaml"))
+    assert r.returncode == 2
+    assert r.stderr.strip().count("\n") == 0 and "Traceback" not in r.stderr
+    assert "missing.yaml' does not exist" in r.stderr
+
+
+def test_unknown_architecture_is_one_line_listing_valid_names(tmp_path):
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text("model: {arch: transformer9000}\n")
+    r = run_cli("train", "--config", str(cfg), "--out", str(tmp_path / "run"))
+    assert r.returncode == 2, r.stderr
+    line = r.stderr.strip()
+    assert "\n" not in line and "transformer9000" in line and "hps" in line and "stl" in line
+
+
+def test_bad_override_exit_2(tmp_path, capsys):
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text("name: x\n")
+    assert main(["train", "--config", str(cfg), "--set", "train.epochs=abc"]) == 2
+    assert "train.epochs" in capsys.readouterr().err
+
+
+def test_resume_without_out(capsys):
+    assert main(["train", "--resume"]) == 2
+    assert "--resume needs --out" in capsys.readouterr().err
+
+
+def test_list_shows_every_registered_component(capsys):
+    from mtlcv.registry import ALL
+
+    assert main(["list", "--no-size"]) == 0
+    out = capsys.readouterr().out.splitlines()
+    for kind, reg in ALL.items():
+        for name in reg.names():
+            assert any(line.split()[:2] == [kind, name] for line in out), (kind, name)
+    for expected in (
+        "semseg",
+        "depth",
+        "normals",
+        "edges",
+        "classification",
+        "scenes",
+        "tiny",
+        "resnet18",
+        "resnet50",
+        "stl",
+        "hps",
+        "fixed",
+    ):
+        assert any(expected in line.split()[:2] for line in out), expected
+
+
+def test_list_architectures_shows_parameters_and_flops(capsys):
+    from mtlcv.models.build import build_model
+    from mtlcv.models.complexity import count_parameters
+    from mtlcv.registry import TASKS
+
+    assert main(["list", "architecture", "--size", "32x48"]) == 0
+    lines = {line.split()[1]: line for line in capsys.readouterr().out.splitlines()}
+    tasks = {t: TASKS.create(t) for t in ("semseg", "depth", "normals")}
+    hps = count_parameters(build_model("hps", tasks, {"name": "tiny"}, {"name": "light"}))
+    assert f"{hps / 1e6:.2f} M params" in lines["hps"] and "at 32x48" in lines["hps"]
+
+
+def test_data_scenes_writes_a_readable_cache(tmp_path, capsys):
+    from mtlcv.data.scenes import ScenesDataset  # noqa: F401
+    from mtlcv.registry import DATASETS
+
+    out = tmp_path / "cache"
+    assert main(["data", "scenes", "--n", "20", "--size", "24x32", "--out", str(out)]) == 0
+    ds = DATASETS.create("scenes", split="train", root=str(out), n=20, size=(24, 32))
+    item = ds[0]
+    assert item["image"].shape == (3, 24, 32)
+    assert item["depth"].shape == (1, 24, 32) and float(item["depth"].min()) > 0
+    assert np.isfinite(item["normals"].numpy()).all()
+
+
+def test_bad_size_is_a_usage_error(tmp_path):
+    r = run_cli("data", "scenes", "--size", "big", "--out", str(tmp_path))
+    assert r.returncode == 2 and "expected HxW" in r.stderr
+
+
+@pytest.mark.slow
+def test_train_cli_end_to_end(small_cfg, tmp_path, capsys):
+    import yaml
+
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text(yaml.safe_dump(small_cfg))
+    out = tmp_path / "run"
+    assert main(["train", "--config", str(cfg), "--out", str(out), "--set", "train.epochs=1"]) == 0
+    text = capsys.readouterr().out
+    assert "semseg" in text and "miou" in text and str(out) in text
+    # resuming a finished run to more epochs continues it
+    assert main(["train", "--out", str(out), "--resume", "--set", "train.epochs=2"]) == 0
+    assert (out / "metrics.jsonl").read_text().count("\n") == 2
