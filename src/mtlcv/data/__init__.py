@@ -4,5 +4,6 @@ from __future__ import annotations
 
 from . import nyuv2, scenes  # noqa: F401  (register)
 from .base import MTLDataset
+from .scenes import ScenesDataset, render, write_cache
 
-__all__ = ["MTLDataset"]
+__all__ = ["MTLDataset", "ScenesDataset", "render", "write_cache"]
