@@ -12,7 +12,9 @@ FIXTURE = Path(__file__).resolve().parents[2] / "shared" / "data" / "nyuv2-fixtu
 
 # the default cache must never be the user's home during tests
 os.environ.setdefault("MTLCV_CACHE", str(Path(__file__).resolve().parent / ".cache"))
-torch.set_num_threads(min(2, torch.get_num_threads()))
+# one intra-op thread: small convolutions gain little from two, and an OpenMP team of two on a
+# busy 2-core machine can run 10x slower than one thread
+torch.set_num_threads(1)
 
 
 @pytest.fixture(scope="session")

@@ -113,3 +113,58 @@ def test_train_cli_end_to_end(small_cfg, tmp_path, capsys):
     # resuming a finished run to more epochs continues it
     assert main(["train", "--out", str(out), "--resume", "--set", "train.epochs=2"]) == 0
     assert (out / "metrics.jsonl").read_text().count("\n") == 2
+
+
+@pytest.mark.slow
+def test_compare_grid_trains_tabulates_and_reuses(small_cfg, tmp_path, capsys):
+    import json
+
+    import yaml
+
+    cfg = tmp_path / "base.yaml"
+    small_cfg["train"]["epochs"] = 2
+    small_cfg["optim"]["lr"] = 1e-2  # enough for every baseline metric to be non-zero
+    cfg.write_text(yaml.safe_dump(small_cfg))
+    args = [
+        "compare",
+        "--config",
+        str(cfg),
+        "--vary",
+        "model.arch=stl,hps",
+        "--seeds",
+        "0,1",
+        "--baseline",
+        "model.arch=stl",
+        "--out",
+        str(tmp_path / "grid"),
+    ]
+    assert main(args) == 0
+    first = capsys.readouterr().out
+    rows = json.loads((tmp_path / "grid" / "summary.json").read_text())
+    assert [r["label"] for r in rows] == ["stl", "hps"]
+    # Δm is linear in the metrics: the baseline against its own mean over seeds averages to 0
+    assert rows[0]["delta_m"] == pytest.approx(0.0, abs=1e-9)
+    assert rows[0]["delta_m_std"] > 0 and rows[1]["parameters"] < rows[0]["parameters"]
+    hps_s1 = json.loads((tmp_path / "grid" / "hps" / "seed1" / "results.json").read_text())
+    assert hps_s1["baselines"] == str(tmp_path / "grid" / "stl" / "seed1")
+    assert "Δm" in first and (tmp_path / "grid" / "summary.md").is_file()
+    assert main(args) == 0  # a second call reuses every finished run
+    assert capsys.readouterr().out.count("finished run reused") == 4
+
+
+def test_compare_rejects_a_baseline_outside_the_grid(tmp_path, capsys):
+    cfg = tmp_path / "base.yaml"
+    cfg.write_text("name: x\n")
+    args = [
+        "compare",
+        "--config",
+        str(cfg),
+        "--vary",
+        "model.arch=stl,hps",
+        "--baseline",
+        "model.arch=mtan",
+        "--out",
+        str(tmp_path / "g"),
+    ]
+    assert main(args) == 2
+    assert "--baseline 'model.arch=mtan' must match exactly one" in capsys.readouterr().err

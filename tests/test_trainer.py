@@ -114,8 +114,11 @@ def test_delta_m_selection_against_stl_baselines(small_cfg, tmp_path):
 
     higher = {t: TASKS.create(t).higher_is_better for t in cfg["tasks"]}
     assert hps["delta_m"]["test"] == pytest.approx(delta_m(hps["test"], stl["test"], higher))
-    line = json.loads((tmp_path / "hps" / "metrics.jsonl").read_text().splitlines()[0])
-    assert line["delta_m"] == pytest.approx(hps["delta_m"]["val"])
+    lines = [json.loads(x) for x in (tmp_path / "hps" / "metrics.jsonl").read_text().splitlines()]
+    # the kept checkpoint is the epoch with the lowest val Δm
+    best = min(lines, key=lambda x: x["delta_m"])
+    assert hps["best_epoch"] == best["epoch"]
+    assert best["delta_m"] == pytest.approx(hps["delta_m"]["val"])
 
 
 def test_zero_baseline_is_refused_before_training(small_cfg, tmp_path):

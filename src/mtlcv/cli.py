@@ -127,6 +127,42 @@ def cmd_eval(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_compare(args: argparse.Namespace) -> int:
+    from .config import apply_overrides, read_yaml
+    from .engine.grid import grid_table, markdown_table, parse_vary, run_grid, summarise
+    from .registry import TASKS
+
+    base = apply_overrides(read_yaml(args.config), args.set)
+    seeds = _int_list(args.seeds, "--seeds")
+    vary = parse_vary(args.vary)
+    vs, base_v = run_grid(base, vary, seeds, args.out, baseline=args.baseline)
+    tasks = next(iter(vs[0].runs.values()))["tasks"]
+    higher = {t: TASKS.create(t).higher_is_better for t in tasks}
+    rows = summarise(vs, base_v, higher)
+    out = Path(args.out)
+    (out / "summary.json").write_text(json.dumps(rows, indent=2))
+    (out / "summary.md").write_text(markdown_table(rows, higher) + "\n")
+    if args.json:
+        print(json.dumps(rows, indent=2))
+        return 0
+    title = f"test split, mean over seeds {', '.join(map(str, seeds))}"
+    if base_v is not None:
+        title += f"; Δm vs {base_v.label} (lower is better)"
+    _console().print(grid_table(rows, higher, title=title))
+    print(f"summary: {out / 'summary.md'}  {out / 'summary.json'}")
+    return 0
+
+
+def _int_list(text: str, what: str) -> list[int]:
+    try:
+        values = [int(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        raise ConfigError(f"{what} {text!r}: expected comma-separated integers, e.g. 0,1") from None
+    if not values:
+        raise ConfigError(f"{what} {text!r}: expected at least one integer")
+    return values
+
+
 def cmd_data_scenes(args: argparse.Namespace) -> int:
     from .data.scenes import write_cache
 
@@ -224,6 +260,32 @@ def build_parser() -> argparse.ArgumentParser:
     )
     e.add_argument("--json", action="store_true", help="print JSON instead of a table")
     e.set_defaults(func=cmd_eval)
+
+    g = sub.add_parser("compare", help="train a grid of variants x seeds and tabulate them")
+    g.add_argument("--config", required=True, help="base experiment YAML")
+    g.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override a key of the base config (repeatable)",
+    )
+    g.add_argument(
+        "--vary",
+        action="append",
+        default=[],
+        metavar="KEY=V1,V2",
+        help="a config key and its values to compare, e.g. model.arch=stl,hps",
+    )
+    g.add_argument("--seeds", default="0", help="comma-separated seeds (default 0)")
+    g.add_argument(
+        "--baseline",
+        metavar="KEY=VALUE",
+        help="the combination Δm is measured against, e.g. model.arch=stl",
+    )
+    g.add_argument("--out", required=True, help="grid directory (finished runs are reused)")
+    g.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    g.set_defaults(func=cmd_compare)
 
     d = sub.add_parser("data", help="make or check datasets")
     dsub = d.add_subparsers(dest="data_command", required=True, metavar="DATASET")

@@ -89,6 +89,8 @@ class TrainConfig:
     max_steps: int | None = None
     #: show a progress bar (off automatically when stdout is not a terminal)
     progress: bool = True
+    #: CPU threads for PyTorch's intra-op parallelism (None = PyTorch's default, one per core)
+    threads: int | None = None
 
 
 @dataclass
@@ -215,6 +217,8 @@ def validate(cfg: ExperimentConfig) -> ExperimentConfig:
         positive["data.eval_batch_size"] = cfg.data.eval_batch_size
     if cfg.train.max_steps is not None:
         positive["train.max_steps"] = cfg.train.max_steps
+    if cfg.train.threads is not None:
+        positive["train.threads"] = cfg.train.threads
     for key, value in positive.items():
         if value < 1:
             raise ConfigError(f"config key {key!r}: got {value}, expected a positive integer")

@@ -57,7 +57,13 @@ from .experiment import (
 )
 
 #: keys of the config that may differ between a run and its resumption
-RESUMABLE_CHANGES = ("train.epochs", "train.progress", "train.device", "data.num_workers")
+RESUMABLE_CHANGES = (
+    "train.epochs",
+    "train.progress",
+    "train.device",
+    "train.threads",
+    "data.num_workers",
+)
 
 
 def _flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
@@ -116,6 +122,8 @@ class Trainer:
                 "it or choose another --out"
             )
         self.cfg = cfg
+        if cfg.train.threads is not None:
+            torch.set_num_threads(cfg.train.threads)
         seed_everything(cfg.seed)
         self.exp: Experiment = build(cfg)
         self.tasks = self.exp.tasks
@@ -220,8 +228,8 @@ class Trainer:
             transient=True,
         )
 
-    def train_epoch(self) -> tuple[dict[str, float], dict[str, float]]:
-        """One pass over the training split; returns mean per-task losses and balancer logs."""
+    def train_epoch(self) -> tuple[dict[str, float], dict[str, float], int]:
+        """One pass over the training split; returns mean per-task losses, balancer logs, steps."""
         cfg = self.cfg
         loader = make_loader(
             cfg, self.exp.datasets["train"], train=True, seed=cfg.seed + self.epoch
@@ -270,7 +278,7 @@ class Trainer:
             if bar is not None:
                 bar.stop()
         mean = (sums / max(steps, 1)).tolist()
-        return dict(zip(self.names, mean)), logs
+        return dict(zip(self.names, mean)), logs, steps
 
     def _losses(self, preds: dict[str, torch.Tensor], batch: dict[str, Any]) -> torch.Tensor:
         """Per-task losses ``[T]``: each task's final loss plus its deep-supervision terms."""
@@ -317,7 +325,8 @@ class Trainer:
         writer = self._tensorboard()
         while self.epoch < cfg.train.epochs:
             start = time.perf_counter()
-            train_losses, logs = self.train_epoch()
+            train_losses, logs, steps = self.train_epoch()
+            train_time = time.perf_counter() - start
             val = evaluate(self.model, self.tasks, self.val_loader, self.device)
             kpis = [self.tasks[n].kpi(val[n]) for n in self.names]
             self.balancer.on_epoch_end(self.epoch, list(train_losses.values()), kpis)
@@ -343,6 +352,8 @@ class Trainer:
                 )
             self.elapsed += time.perf_counter() - start
             record["time_s"] = round(time.perf_counter() - start, 3)
+            record["train_time_s"] = round(train_time, 3)
+            record["steps"] = steps
             with open(self.out / "metrics.jsonl", "a") as fh:
                 fh.write(json.dumps(record) + "\n")
             atomic_save(self._state(), self.out / "last.pt")
@@ -373,6 +384,12 @@ class Trainer:
             "test": test,
             "parameters": sum(p.numel() for p in self.model.parameters()),
             "wall_time_s": round(self.elapsed, 2),
+            # training only (data, forward, balancer backward, optimizer), without evaluation
+            "step_time_s": round(
+                sum(h["train_time_s"] for h in self.history)
+                / max(1, sum(h["steps"] for h in self.history)),
+                4,
+            ),
             "peak_memory_mb": round(_peak_memory_mb(self.device), 1),
             "device": str(self.device),
         }

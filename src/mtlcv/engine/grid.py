@@ -1,0 +1,182 @@
+"""Comparison grids: one base config × a set of variations × seeds, trained and summarised.
+
+``mtlcv compare --config BASE --vary model.arch=stl,hps,mtan --seeds 0,1 --baseline
+model.arch=stl --out DIR`` trains every combination into ``DIR/<label>/seed<s>`` (finished runs
+are reused, interrupted ones resumed), then prints one row per combination: per-task test
+metrics (mean over seeds), Δm against the baseline combination (mean ± std over seeds, each
+seed's run against the baseline's mean over seeds), parameters and training step time.
+
+Runs of the baseline combination are trained first; every other run of seed ``s`` selects its
+best epoch by Δm on val against the baseline run of seed ``s``.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import statistics
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from ..analysis import delta_m
+from ..config import ExperimentConfig, apply_overrides, from_dict, load, to_dict
+from ..errors import ConfigError
+
+
+@dataclass
+class Variant:
+    label: str
+    overrides: list[str]
+    runs: dict[int, dict[str, Any]] = field(default_factory=dict)
+
+
+def parse_vary(items: Sequence[str]) -> list[tuple[str, list[str]]]:
+    """``["model.arch=stl,hps"]`` -> ``[("model.arch", ["stl", "hps"])]``."""
+    out = []
+    for item in items:
+        if "=" not in item:
+            raise ConfigError(f"--vary {item!r}: expected KEY=V1,V2,..., e.g. model.arch=stl,hps")
+        key, values = item.split("=", 1)
+        vals = [v.strip() for v in values.split(",") if v.strip()]
+        if not key.strip() or not vals:
+            raise ConfigError(f"--vary {item!r}: expected KEY=V1,V2,..., e.g. model.arch=stl,hps")
+        out.append((key.strip(), vals))
+    return out
+
+
+def variants(vary: Sequence[tuple[str, list[str]]]) -> list[Variant]:
+    """Every combination of the varied values, labelled by its values joined with '-'."""
+    keys = [k for k, _ in vary]
+    combos = itertools.product(*[vals for _, vals in vary]) if vary else [()]
+    return [Variant("-".join(c) or "base", [f"{k}={v}" for k, v in zip(keys, c)]) for c in combos]
+
+
+def _finished(run: Path, cfg: ExperimentConfig) -> dict[str, Any] | None:
+    res, saved = run / "results.json", run / "config.yaml"
+    if not (res.is_file() and saved.is_file()):
+        return None
+    if to_dict(load(saved)) != to_dict(cfg):
+        raise ConfigError(
+            f"{str(run)!r} holds a finished run with other settings; choose another --out"
+        )
+    return json.loads(res.read_text())
+
+
+def run_grid(
+    base: dict[str, Any],
+    vary: Sequence[tuple[str, list[str]]],
+    seeds: Sequence[int],
+    out: str | Path,
+    baseline: str | None = None,
+    log: Callable[[str], None] = print,
+) -> tuple[list[Variant], Variant | None]:
+    """Train every variant × seed (baseline first); return the variants with their results."""
+    from .trainer import train
+
+    out = Path(out)
+    vs = variants(vary)
+    base_v = None
+    if baseline is not None:
+        matches = [v for v in vs if baseline in v.overrides]
+        if len(matches) != 1:
+            raise ConfigError(
+                f"--baseline {baseline!r} must match exactly one combination; combinations: "
+                f"{', '.join(' '.join(v.overrides) for v in vs)}"
+            )
+        base_v = matches[0]
+        vs = [base_v] + [v for v in vs if v is not base_v]
+    total = len(vs) * len(seeds)
+    k = 0
+    for v in vs:
+        for seed in seeds:
+            k += 1
+            data = apply_overrides(base, [*v.overrides, f"seed={seed}"])
+            data["name"] = f"{data.get('name', 'experiment')}-{v.label}-s{seed}"
+            if base_v is not None and v is not base_v:
+                data["baselines"] = str(out / base_v.label / f"seed{seed}")
+            cfg = from_dict(data)
+            run = out / v.label / f"seed{seed}"
+            done = _finished(run, cfg)
+            if done is not None:
+                log(f"[{k}/{total}] {v.label} seed {seed}: finished run reused ({run})")
+                v.runs[seed] = done
+                continue
+            log(f"[{k}/{total}] {v.label} seed {seed} -> {run}")
+            v.runs[seed] = train(cfg, run, resume=(run / "last.pt").is_file(), log=log)
+    return vs, base_v
+
+
+def summarise(
+    vs: Sequence[Variant], base_v: Variant | None, higher: dict[str, dict[str, bool]]
+) -> list[dict[str, Any]]:
+    """One row per variant: mean test metrics over seeds, Δm mean/std, params, step time."""
+    base_mean = None
+    if base_v is not None:
+        base_mean = _mean_metrics([r["test"] for r in base_v.runs.values()])
+    rows = []
+    for v in vs:
+        results = list(v.runs.values())
+        row: dict[str, Any] = {
+            "label": v.label,
+            "overrides": v.overrides,
+            "seeds": sorted(v.runs),
+            "test": _mean_metrics([r["test"] for r in results]),
+            "parameters": results[0]["parameters"],
+            "step_time_s": statistics.mean(r.get("step_time_s", float("nan")) for r in results),
+        }
+        if base_mean is not None:
+            dms = [delta_m(r["test"], base_mean, higher) for r in results]
+            row["delta_m"] = statistics.mean(dms)
+            row["delta_m_std"] = statistics.stdev(dms) if len(dms) > 1 else 0.0
+        rows.append(row)
+    return rows
+
+
+def _mean_metrics(entries: list[dict[str, dict[str, float]]]) -> dict[str, dict[str, float]]:
+    return {
+        t: {m: statistics.mean(e[t][m] for e in entries) for m in entries[0][t]} for t in entries[0]
+    }
+
+
+def _columns(higher: dict[str, dict[str, bool]]) -> list[tuple[str, str]]:
+    return [(t, m) for t, ms in higher.items() for m in ms]
+
+
+def _cells(row: dict[str, Any], cols: list[tuple[str, str]], has_dm: bool) -> list[str]:
+    cells = [row["label"]] + [f"{row['test'][t][m]:.4g}" for t, m in cols]
+    if has_dm:
+        sd = f" ± {row['delta_m_std']:.2f}" if len(row["seeds"]) > 1 else ""
+        cells.append(f"{row['delta_m']:+.2f}{sd}")
+    return cells + [f"{row['parameters'] / 1e6:.2f} M", f"{row['step_time_s']:.3f}"]
+
+
+def grid_table(rows: list[dict[str, Any]], higher: dict[str, dict[str, bool]], title: str = ""):
+    """A rich table: one row per variant, one column per metric (↑/↓), Δm, params, step time."""
+    from rich.table import Table
+
+    cols = _columns(higher)
+    has_dm = any("delta_m" in r for r in rows)
+    table = Table(title=title or None)
+    table.add_column("run")
+    for t, m in cols:
+        table.add_column(f"{t}\n{m} {'↑' if higher[t][m] else '↓'}", justify="right")
+    if has_dm:
+        table.add_column("Δm % ↓", justify="right")
+    table.add_column("params", justify="right")
+    table.add_column("step s", justify="right")
+    for r in rows:
+        table.add_row(*_cells(r, cols, has_dm))
+    return table
+
+
+def markdown_table(rows: list[dict[str, Any]], higher: dict[str, dict[str, bool]]) -> str:
+    """The same table as GitHub markdown, for notes and reports."""
+    cols = _columns(higher)
+    has_dm = any("delta_m" in r for r in rows)
+    head = ["run"] + [f"{t} {m} {'↑' if higher[t][m] else '↓'}" for t, m in cols]
+    head += (["Δm % ↓"] if has_dm else []) + ["params", "step s"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    lines += ["| " + " | ".join(_cells(r, cols, has_dm)) + " |" for r in rows]
+    return "\n".join(lines)
