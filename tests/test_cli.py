@@ -168,3 +168,26 @@ def test_compare_rejects_a_baseline_outside_the_grid(tmp_path, capsys):
     ]
     assert main(args) == 2
     assert "--baseline 'model.arch=mtan' must match exactly one" in capsys.readouterr().err
+
+
+def test_data_check_names_the_bad_file(tmp_path, capsys):
+    root = tmp_path / "nyu"
+    for split in ("train", "val"):
+        for mod, shape in (
+            ("image", (8, 8, 3)),
+            ("label", (8, 8)),
+            ("depth", (8, 8, 1)),
+            ("normal", (8, 8, 3)),
+        ):
+            d = root / split / mod
+            d.mkdir(parents=True)
+            a = np.zeros(shape, np.float32)
+            if mod == "normal":
+                a[..., 2] = 1.0
+            np.save(d / "0.npy", a)
+    assert main(["data", "check", str(root)]) == 0
+    bad = root / "train" / "depth" / "0.npy"
+    bad.write_bytes(bad.read_bytes()[:40])
+    assert main(["data", "check", str(root)]) == 2
+    out = capsys.readouterr().out
+    assert str(bad) in out

@@ -176,3 +176,28 @@ def test_wrong_target_shape_names_task_and_shapes(small_cfg, tmp_path):
     msg = str(err.value)
     assert "depth" in msg and "(4, 3, 16, 16)" in msg and "(4, 1, 16, 16)" in msg
     assert "\n" not in msg
+
+
+@pytest.mark.parametrize(
+    "optim, schedule, expected_lr",
+    [
+        (
+            {"name": "sgd", "lr": 0.01, "momentum": 0.9},
+            {"name": "step", "step_size": 1, "gamma": 0.5},
+            [0.01, 0.005],
+        ),
+        ({"name": "adam", "lr": 0.01}, {"name": "cosine"}, [0.01, 0.005]),
+        ({"name": "adamw", "lr": 0.01, "weight_decay": 0.1}, {"name": "none"}, [0.01, 0.01]),
+    ],
+)
+def test_optimizers_and_schedules(small_cfg, tmp_path, optim, schedule, expected_lr):
+    cfg = copy.deepcopy(small_cfg)
+    cfg["train"].update(epochs=2, max_steps=2)
+    cfg["optim"], cfg["schedule"] = optim, schedule
+    t = Trainer(from_dict(cfg), tmp_path / "r", log=lambda s: None)
+    kind = {"sgd": torch.optim.SGD, "adam": torch.optim.Adam, "adamw": torch.optim.AdamW}
+    assert type(t.optimizer) is kind[optim["name"]]
+    t.fit()
+    lines = [json.loads(x) for x in (tmp_path / "r" / "metrics.jsonl").read_text().splitlines()]
+    assert [x["lr"] for x in lines] == pytest.approx(expected_lr)
+    assert all(x["steps"] == 2 for x in lines)
