@@ -152,7 +152,7 @@ def test_compare_grid_trains_tabulates_and_reuses(small_cfg, tmp_path, capsys):
     assert capsys.readouterr().out.count("finished run reused") == 4
 
 
-def test_compare_rejects_a_baseline_outside_the_grid(tmp_path, capsys):
+def test_compare_baseline_must_name_one_combination(tmp_path, capsys):
     cfg = tmp_path / "base.yaml"
     cfg.write_text("name: x\n")
     args = [
@@ -161,13 +161,42 @@ def test_compare_rejects_a_baseline_outside_the_grid(tmp_path, capsys):
         str(cfg),
         "--vary",
         "model.arch=stl,hps",
+        "--vary",
+        "balancer.name=fixed,rlw",
         "--baseline",
-        "model.arch=mtan",
+        "model.arch=stl",
         "--out",
         str(tmp_path / "g"),
     ]
     assert main(args) == 2
-    assert "--baseline 'model.arch=mtan' must match exactly one" in capsys.readouterr().err
+    assert "--baseline 'model.arch=stl' matches 2 combinations" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_compare_baseline_outside_the_grid_is_one_more_run(small_cfg, tmp_path, capsys):
+    import json
+
+    import yaml
+
+    small_cfg["train"].update(epochs=2)
+    small_cfg["optim"]["lr"] = 1e-2
+    cfg = tmp_path / "base.yaml"
+    cfg.write_text(yaml.safe_dump(small_cfg))
+    args = [
+        "compare",
+        "--config",
+        str(cfg),
+        "--vary",
+        "balancer.name=fixed,rlw",
+        "--baseline",
+        "model.arch=stl",
+        "--out",
+        str(tmp_path / "g"),
+    ]
+    assert main(args) == 0
+    rows = json.loads((tmp_path / "g" / "summary.json").read_text())
+    assert [r["label"] for r in rows] == ["stl", "fixed", "rlw"]
+    assert rows[0]["delta_m"] == pytest.approx(0.0, abs=1e-9)
 
 
 def test_data_check_names_the_bad_file(tmp_path, capsys):

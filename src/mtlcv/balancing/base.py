@@ -151,19 +151,30 @@ class GradientBalancer(Balancer):
             raise TypeError(f"{type(self).__name__}.backward needs the model")
         scale = self.loss_scale(losses)
         info: dict = {}
+        # a method that only weighs the Gramian never needs G itself (see jacobian.py)
+        cls = type(self)
+        gramian_only = (cls.aggregate is GradientBalancer.aggregate
+                        and cls.aggregate_gradients is GradientBalancer.aggregate_gradients)
         tg = task_gradients(
             losses, model, self.mode, scale=scale, batched=self.batched,
-            safe=not self._batched_ok, info=info,
+            safe=not self._batched_ok, info=info, gramian=gramian_only,
         )
         self._batched_ok = self._batched_ok or bool(info.get("batched"))
-        update = self.aggregate_gradients(tg, losses.detach())
-        if self.scale_task_params and self.last_weights is not None:
-            coeffs = self.last_weights
+        if tg.matrix is None:
+            assert tg.gramian is not None
+            w = self.gramian_weights(tg.gramian, losses.detach())
+            self.last_weights = w.to(device=losses.device, dtype=losses.dtype)
+            tg.apply_weights(self.last_weights, self._task_coeffs(losses))
         else:
-            coeffs = torch.ones(self.num_tasks, device=update.device, dtype=update.dtype)
-        tg.apply(update, coeffs)
+            update = self.aggregate_gradients(tg, losses.detach())
+            tg.apply(update, self._task_coeffs(update))
         self.after_backward(model)
         return weight_logs(self.last_weights)
+
+    def _task_coeffs(self, like: torch.Tensor) -> torch.Tensor:
+        if self.scale_task_params and self.last_weights is not None:
+            return self.last_weights
+        return torch.ones(self.num_tasks, device=like.device, dtype=like.dtype)
 
     def after_backward(self, model: nn.Module) -> None:
         """Hook run once ``.grad`` is set (Nash-MTL clips the shared gradient norm here)."""

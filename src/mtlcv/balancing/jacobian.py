@@ -50,6 +50,7 @@ Example:
 
 from __future__ import annotations
 
+import heapq
 import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -201,27 +202,40 @@ class TaskGradients:
     """The per-task gradients of one step, and how to write an update back into ``.grad``.
 
     Attributes:
-        matrix: ``G``, shape ``[T, P]``; row ``t`` is task ``t``'s gradient, flattened.
+        matrix: ``G``, shape ``[T, P]``; row ``t`` is task ``t``'s gradient, flattened. None when
+            only the Gramian was asked for and ``G`` was never formed (see ``gramian``).
         mode: ``"param"`` (columns = shared parameters) or ``"rep"`` (columns = the representation).
         shared: the shared parameters that receive the update.
-        rep: the representation tensor in ``"rep"`` mode (its shape un-flattens the columns).
+        rep: the representation tensor in ``"rep"`` mode (its shape un-flattens the columns), and
+            in ``"param"`` mode without ``matrix``.
         own: ``(param, task, grad)``: a head parameter's gradient of its own task's loss.
         stacked: ``(param, grads[T, ...])``: task parameters whose per-task rows were computed
             together (models without a separable representation).
         skip: ids of the shared parameters no loss depends on (their ``.grad`` stays None).
+        gramian: ``G G^T`` (``[T, T]``, float64) when ``matrix`` is None; then
+            :meth:`apply_weights` writes ``w @ G`` without ``G``.
+        rows: ``[T, *rep.shape]``: ``c_t dL_t/dz`` (``"param"`` mode without ``matrix``).
+        kept: ``(params, K)``: shared parameters whose rows ``K`` (``[T, n]``) were kept.
+        rest: the other shared parameters: their part of ``w @ G`` is ``z``'s VJP with ``w @ rows``.
     """
 
-    matrix: torch.Tensor
+    matrix: torch.Tensor | None
     mode: str
     shared: list[nn.Parameter]
     rep: torch.Tensor | None = None
     own: list[tuple[nn.Parameter, int, torch.Tensor]] = field(default_factory=list)
     stacked: list[tuple[nn.Parameter, torch.Tensor]] = field(default_factory=list)
     skip: set[int] = field(default_factory=set)
+    gramian: torch.Tensor | None = None
+    rows: torch.Tensor | None = None
+    kept: tuple[list[nn.Parameter], torch.Tensor] | None = None
+    rest: list[nn.Parameter] = field(default_factory=list)
 
     def apply(self, update: torch.Tensor, task_coeffs: torch.Tensor) -> None:
         """Accumulate ``update`` (shape ``[P]``) into the shared ``.grad`` and the heads' gradients
         scaled by ``task_coeffs`` (shape ``[T]``) into the task parameters' ``.grad``."""
+        if self.matrix is None:
+            raise ValueError("this step formed only the Gramian; use apply_weights")
         update = update.detach()
         if self.mode == "rep":
             assert self.rep is not None
@@ -231,17 +245,36 @@ class TaskGradients:
                     inputs=self.shared,
                 )
         else:
-            i = 0
-            for p in self.shared:
-                n = p.numel()
-                if id(p) not in self.skip:
-                    _add_grad(p, update[i : i + n])
-                i += n
+            _write(self.shared, update, self.skip)
+        self._apply_heads(task_coeffs)
+
+    def apply_weights(self, weights: torch.Tensor, task_coeffs: torch.Tensor) -> None:
+        """Like ``apply(weights @ G, task_coeffs)``, for a step that formed only the Gramian."""
+        assert self.rep is not None and self.rows is not None
+        w = weights.detach().to(self.rows.dtype)
+        if self.rest:  # one more backward pass, through the part of the encoder whose rows went
+            d = torch.tensordot(w, self.rows, dims=1)
+            torch.autograd.backward(self.rep, d, inputs=self.rest)
+        if self.kept is not None:
+            params, K = self.kept
+            _write(params, w @ K, set())
+        self._apply_heads(task_coeffs)
+
+    def _apply_heads(self, task_coeffs: torch.Tensor) -> None:
         c = task_coeffs.detach()
         for p, t, g in self.own:
             _add_grad(p, c[t].to(g.dtype) * g)
         for p, g in self.stacked:
             _add_grad(p, torch.tensordot(c.to(g.dtype), g, dims=1))
+
+
+def _write(params: Sequence[torch.Tensor], flat: torch.Tensor, skip: set[int]) -> None:
+    i = 0
+    for p in params:
+        n = p.numel()
+        if id(p) not in skip:
+            _add_grad(p, flat[i : i + n])
+        i += n
 
 
 def per_task_edges(losses: torch.Tensor) -> list[GradientEdge | None] | None:
@@ -273,6 +306,7 @@ def task_gradients(
     batched: bool = True,
     safe: bool = True,
     info: dict | None = None,
+    gramian: bool = False,
 ) -> TaskGradients:
     """Compute ``G`` for the loss vector ``losses`` (shape ``[T]``) of ``model``'s last forward.
 
@@ -345,12 +379,180 @@ def task_gradients(
     R = torch.stack(rows)
     if mode == "rep":
         return TaskGradients(R.reshape(T, -1), "rep", shared, rep, own=own_grads)
-    # stage 2: the encoder, one batched vector-Jacobian product for all tasks
-    Js = jacobian(rep, shared, R, retain_graph=False, **kw)
-    _report(info, jinfo)
-    G = torch.cat([j.reshape(T, -1) for j in Js], 1) if Js else losses.new_zeros(T, 0)
-    skip = {id(p) for p, u in zip(shared, jinfo.get("unused", [])) if u}
-    return TaskGradients(G.detach(), "param", shared, own=own_grads, skip=skip)
+    # stage 2: the encoder, one backward pass per task, into G or into the Gramian only
+    if gramian and rep.grad_fn is not None:
+        M, kept, rest, skip = _encoder_gramian(rep, R, shared)
+        return TaskGradients(None, "param", shared, rep, own=own_grads, skip=skip, gramian=M,
+                             rows=R, kept=kept, rest=rest)
+    G = R.new_empty(T, sum(p.numel() for p in shared))
+    used = [False] * len(shared)
+    for t in range(T):
+        gs = torch.autograd.grad(rep, shared, R[t], retain_graph=t < T - 1, allow_unused=True)
+        _write_row(G[t], shared, gs, used)
+    skip = {id(p) for p, u in zip(shared, used) if not u}
+    return TaskGradients(G, "param", shared, own=own_grads, skip=skip)
+
+
+def _write_row(row: torch.Tensor, params: Sequence[torch.Tensor],
+               grads: Sequence[torch.Tensor | None], used: list[bool] | None = None) -> None:
+    """Copy one task's gradients (None: zeros) into its row, parameter after parameter."""
+    i = 0
+    for k, (p, g) in enumerate(zip(params, grads)):
+        n = p.numel()
+        if g is None:
+            row[i : i + n].zero_()
+        else:
+            row[i : i + n].copy_(g.reshape(-1))
+            if used is not None:
+                used[k] = True
+        i += n
+
+
+# ---------------------------------------------------------------------- Gramian without G
+#: at most this many backward passes per task through one segment (parameter groups)
+_MAX_GROUPS = 4
+
+
+def encoder_segments(
+    rep: torch.Tensor, shared: Sequence[torch.Tensor]
+) -> list[tuple[list[torch.Tensor], list[GradientEdge]]]:
+    """Cut the graph below ``rep`` at the nodes every path goes through (layer or residual-block
+    boundaries): ``[(params, bottom_edges), ...]`` from ``rep`` down, where ``params`` are the
+    shared parameters between the previous cut and this one and ``bottom_edges`` the edges into
+    the cut (empty for the last segment). Shared parameters ``rep`` does not depend on are left out.
+
+    Nodes are visited in a topological order that drains short branches (a weight's
+    ``AccumulateGrad``, a transpose before it) first; a node is a cut when it is the only node
+    the visited ones still point to. A parameter used on both sides of a node makes it no cut.
+    """
+    root = rep.grad_fn
+    children: dict[int, list[tuple[object, int]]] = {}
+    stack = [root]
+    while stack:
+        fn = stack.pop()
+        if id(fn) in children:
+            continue
+        children[id(fn)] = ch = [(nf, nr) for nf, nr in fn.next_functions if nf is not None]
+        stack.extend(nf for nf, _ in ch)
+    indeg = dict.fromkeys(children, 0)
+    for ch in children.values():
+        for nf, _ in ch:
+            indeg[id(nf)] += 1
+    height: dict[int, int] = {}
+    post = [(root, False)]
+    while post:  # height = longest path to a leaf, iteratively
+        fn, done = post.pop()
+        k = id(fn)
+        if done:
+            height[k] = 1 + max((height[id(nf)] for nf, _ in children[k]), default=-1)
+        elif k not in height:
+            post.append((fn, True))
+            post.extend((nf, False) for nf, _ in children[k] if id(nf) not in height)
+    shared_ids = {id(p) for p in shared}
+    seen = dict.fromkeys(children, 0)
+    into: dict[int, set[int]] = {}  # output numbers of the edges into each pending node
+    frontier = {id(root)}
+    heap = [(height[id(root)], 0, root)]
+    count = 1
+    segments: list[tuple[list[torch.Tensor], list[GradientEdge]]] = []
+    params: list[torch.Tensor] = []
+    while heap:
+        _, _, fn = heapq.heappop(heap)
+        k = id(fn)
+        var = getattr(fn, "variable", None)
+        if var is None and fn is not root and len(frontier) == 1 and params:
+            segments.append((params, [GradientEdge(fn, nr) for nr in sorted(into[k])]))
+            params = []
+        frontier.discard(k)
+        if var is not None and id(var) in shared_ids:
+            params.append(var)
+        for nf, nr in children[k]:
+            j = id(nf)
+            seen[j] += 1
+            frontier.add(j)
+            into.setdefault(j, set()).add(nr)
+            if seen[j] == indeg[j]:
+                heapq.heappush(heap, (height[j], count, nf))
+                count += 1
+    if params or not segments:
+        segments.append((params, []))
+    return segments
+
+
+def _groups(params: list[torch.Tensor], T: int, cap: int) -> list[list[torch.Tensor]]:
+    """Split a segment's parameters (in graph order) into groups of at most ``cap`` per-task
+    elements in all (one parameter at least), and at most ``_MAX_GROUPS`` groups."""
+    total = sum(p.numel() for p in params)
+    cap = max(cap, -(-T * total // _MAX_GROUPS))
+    groups: list[list[torch.Tensor]] = [[]]
+    size = 0
+    for p in params:
+        if groups[-1] and size + T * p.numel() > cap:
+            groups.append([])
+            size = 0
+        groups[-1].append(p)
+        size += T * p.numel()
+    return groups
+
+
+def _encoder_gramian(
+    rep: torch.Tensor, R: torch.Tensor, shared: list[nn.Parameter]
+) -> tuple[torch.Tensor, tuple[list[nn.Parameter], torch.Tensor] | None, list[nn.Parameter],
+           set[int]]:
+    """``G G^T`` of the encoder part of ``G`` (rows: the VJPs of ``R[t]``), without forming ``G``.
+
+    The encoder is walked down segment by segment (:func:`encoder_segments`), one backward pass
+    per task and segment starting at the previous cut, so that only one parameter group's rows
+    (``T x group``) exist at a time; they are added to the Gramian and dropped. The bottom
+    segments, once their parameters need no more than one gradient's worth of memory for all T
+    tasks, are done in one pass per task to the bottom and their rows are kept: ``w @ K`` is
+    their update. The update of the dropped rows is the VJP of ``w @ R`` from ``rep``
+    (:meth:`TaskGradients.apply_weights`), one extra backward pass through that part only.
+
+    Returns ``(M, kept, rest, skip)``: the Gramian (float64), ``(params, K)``, the parameters
+    left to the extra pass, and the ids of the shared parameters ``rep`` does not depend on.
+    """
+    T = R.shape[0]
+    budget = sum(p.numel() for p in shared)  # one gradient's worth of elements
+    segments = encoder_segments(rep, shared)
+    reached = {id(p) for ps, _ in segments for p in ps}
+    skip = {id(p) for p in shared if id(p) not in reached}
+    # the highest cut above which the remaining rows fit in the budget
+    below = [0] * (len(segments) + 1)
+    for i in range(len(segments) - 1, -1, -1):
+        below[i] = below[i + 1] + sum(p.numel() for p in segments[i][0])
+    switch = next(i for i in range(len(segments) + 1) if T * below[i] <= budget)
+    M = torch.zeros(T, T, dtype=torch.float64, device=R.device)
+    tops: list[torch.Tensor | GradientEdge] = [rep]
+    cots: list[list[torch.Tensor]] = [[R[t]] for t in range(T)]
+    rest: list[nn.Parameter] = []
+    for params, bottom in segments[:switch]:
+        rest += params
+        groups = _groups(params, T, budget)
+        nxt: list[list[torch.Tensor]] = [[] for _ in range(T)]
+        for gi, group in enumerate(groups):
+            inputs = [*group, *(bottom if gi == len(groups) - 1 else [])]
+            B = R.new_empty(T, sum(p.numel() for p in group))
+            for t in range(T):
+                gs = torch.autograd.grad(tops, inputs, cots[t], retain_graph=True,
+                                         allow_unused=True)
+                _write_row(B[t], group, gs[: len(group)])
+                nxt[t] = [g if g is not None else torch.zeros(()) for g in gs[len(group):]]
+            M += (B @ B.T).double()
+            del B
+        tops, cots = list(bottom), nxt
+    kept_params = [p for ps, _ in segments[switch:] for p in ps]
+    kept = None
+    if kept_params:
+        K = R.new_empty(T, sum(p.numel() for p in kept_params))
+        for t in range(T):
+            gs = torch.autograd.grad(tops, kept_params, cots[t], retain_graph=t < T - 1,
+                                     allow_unused=True)
+            cots[t] = []
+            _write_row(K[t], kept_params, gs)
+        M += (K @ K.T).double()
+        kept = (kept_params, K)
+    return M, kept, rest, skip
 
 
 def _report(info: dict | None, jinfo: dict) -> None:

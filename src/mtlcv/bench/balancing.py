@@ -77,8 +77,7 @@ class BenchConfig:
 
 def _configs(batch_size: int = 8) -> dict[str, BenchConfig]:
     tiny = {"name": "tiny"}
-    # dilated (output stride 8), the dense-prediction convention (DeepLab, LibMTL)
-    r18 = {"name": "resnet18", "dilated": True}
+    r18 = {"name": "resnet18"}
     out = [BenchConfig(f"tiny-64x80-T{T}", tiny, (64, 80), T, batch_size) for T in (3, 10)]
     out += [BenchConfig(f"resnet18-96x128-T{T}", r18, (96, 128), T, batch_size) for T in (3, 10)]
     return {c.name: c for c in out}

@@ -6,8 +6,11 @@ are reused, interrupted ones resumed), then prints one row per combination: per-
 metrics (mean over seeds), Δm against the baseline combination (mean ± std over seeds, each
 seed's run against the baseline's mean over seeds), parameters and training step time.
 
-Runs of the baseline combination are trained first; every other run of seed ``s`` selects its
-best epoch by Δm on val against the baseline run of seed ``s``.
+Runs of the baseline are trained first; every other run of seed ``s`` selects its best epoch by
+Δm on val against the baseline run of seed ``s``. The baseline is the combination that has the
+``--baseline KEY=VALUE`` override, or, when no combination has it, one more run: the base
+config with that override (e.g. ``--vary balancer.name=fixed,pcgrad --baseline
+model.arch=stl``).
 """
 
 from __future__ import annotations
@@ -79,13 +82,16 @@ def run_grid(
     vs = variants(vary)
     base_v = None
     if baseline is not None:
+        if "=" not in baseline:
+            raise ConfigError(f"--baseline {baseline!r}: expected KEY=VALUE, e.g. model.arch=stl")
         matches = [v for v in vs if baseline in v.overrides]
-        if len(matches) != 1:
+        if len(matches) > 1:
             raise ConfigError(
-                f"--baseline {baseline!r} must match exactly one combination; combinations: "
-                f"{', '.join(' '.join(v.overrides) for v in vs)}"
+                f"--baseline {baseline!r} matches {len(matches)} combinations "
+                f"({', '.join(v.label for v in matches)}); it must name one"
             )
-        base_v = matches[0]
+        # a baseline outside the grid is one more run: the base config with that override
+        base_v = matches[0] if matches else Variant(baseline.split("=", 1)[1], [baseline])
         vs = [base_v] + [v for v in vs if v is not base_v]
     total = len(vs) * len(seeds)
     k = 0
