@@ -201,3 +201,19 @@ def test_optimizers_and_schedules(small_cfg, tmp_path, optim, schedule, expected
     lines = [json.loads(x) for x in (tmp_path / "r" / "metrics.jsonl").read_text().splitlines()]
     assert [x["lr"] for x in lines] == pytest.approx(expected_lr)
     assert all(x["steps"] == 2 for x in lines)
+
+
+def test_a_diverging_loss_stops_with_one_line_and_keeps_the_checkpoint(small_cfg, tmp_path):
+    from mtlcv.errors import TrainingError
+
+    cfg = copy.deepcopy(small_cfg)
+    cfg["train"].update(epochs=3, max_steps=2)
+    t = Trainer(from_dict(cfg), tmp_path / "r", log=lambda s: None)
+    t.fit(stop_after_epoch=1)
+    saved = (tmp_path / "r" / "last.pt").read_bytes()
+    t = Trainer(from_dict(cfg), tmp_path / "r", resume=True, log=lambda s: None)
+    depth = t.tasks["depth"]
+    depth.loss = lambda pred, target: pred.mean() * float("nan")  # a diverged depth loss
+    with pytest.raises(TrainingError, match=r"epoch 2 step 1: non-finite loss for depth"):
+        t.fit()
+    assert (tmp_path / "r" / "last.pt").read_bytes() == saved

@@ -23,3 +23,7 @@ class DataError(MtlcvError):
 
 class CheckpointError(MtlcvError):
     """A checkpoint or run directory is missing or unreadable."""
+
+
+class TrainingError(MtlcvError):
+    """Training cannot go on (e.g. a loss became NaN); the last epoch's checkpoint is intact."""

@@ -37,7 +37,7 @@ import torch
 
 from ..analysis import delta_m, mean_rank
 from ..config import ExperimentConfig, dump, to_dict
-from ..errors import CheckpointError, ConfigError
+from ..errors import CheckpointError, ConfigError, TrainingError
 from .checkpoint import (
     atomic_save,
     atomic_write_text,
@@ -257,9 +257,10 @@ class Trainer:
                 losses = self._losses(preds, batch)
                 if not torch.isfinite(losses).all():
                     bad = [n for n, v in zip(self.names, losses.tolist()) if not math.isfinite(v)]
-                    raise FloatingPointError(
+                    raise TrainingError(
                         f"epoch {self.epoch + 1} step {step + 1}: non-finite loss for "
-                        f"{', '.join(bad)}; lower optim.lr or check the data"
+                        f"{', '.join(bad)}; lower optim.lr or check the data (the last "
+                        "finished epoch is saved)"
                     )
                 self.optimizer.zero_grad(set_to_none=True)
                 step_logs = self.balancer.backward(losses, self.model) or {}
