@@ -21,7 +21,8 @@ from .errors import ConfigError, MtlcvError
 def _console():  # rich is imported lazily: `mtlcv --help` stays fast
     from rich.console import Console
 
-    return Console()
+    # piped output (logs, CI) gets a wide fixed width instead of rich's 80-column default
+    return Console() if sys.stdout.isatty() else Console(width=200)
 
 
 def _size(text: str) -> tuple[int, int]:

@@ -60,7 +60,8 @@ class DBMTL(GradientBalancer):
             self.steps.zero_()
         self.steps += 1
         b = self.beta / int(self.steps) ** self.beta_sigma
-        self.ema = G + b * (self.ema.to(G) - G)
+        # G + b (ema - G), in place: no T x P temporaries
+        self.ema = self.ema.to(G).sub_(G).mul_(b).add_(G)
         norms = self.ema.norm(dim=1)
         alpha = norms.max() / (norms + 1e-8)
         self.last_weights = alpha

@@ -10,7 +10,7 @@ from torch import nn
 from ..errors import ConfigError
 from ..registry import BALANCERS
 from .base import Weighting, check_positive, weight_logs
-from .jacobian import jacobian, split_parameters
+from .jacobian import is_separable, jacobian, split_parameters, task_gradients
 
 
 class GradNorm(Weighting):
@@ -27,8 +27,11 @@ class GradNorm(Weighting):
       weights are renormalised to ``sum_i w_i = T`` after every update.
 
     ``grad_w L_grad`` is computed in closed form: ``dL_grad/dw_i = sign(G_i - target_i) ||grad_W
-    L_i||``, so GradNorm needs the per-task gradients of one layer only (one batched backward
-    through the heads and that layer, see jacobian.py) and no double backward. The weights
+    L_i||``, so GradNorm needs the per-task gradients of one layer only, and no double backward.
+    On a model with a shared representation ``z`` (hard sharing) each head is run backwards once
+    (``dL_i/dz``, see jacobian.py), then only the layers between ``W`` and ``z`` once per task,
+    and the update is ``z``'s VJP with ``sum_i w_i dL_i/dz``: about the cost of a plain step.
+    Otherwise one batched backward through the heads and that layer. The weights
     ``w`` are an ``nn.Parameter`` (initialised to 1) optimised by the trainer's optimizer with the
     model; they are renormalised at the start of the next step (equivalent for the update) and
     floored at 1e-6 so a large step cannot make a weight negative.
@@ -88,15 +91,31 @@ class GradNorm(Weighting):
                 self._warned = True
             (w * losses).sum().backward()
             return weight_logs(w)
-        (J,) = jacobian(losses, [W])  # keeps the graph for the backward below
-        norms = J.flatten(1).norm(dim=1).to(w.dtype)  # ||grad_W L_i||
+        shared = split_parameters(model)[0]
+        if any(p is W for p in shared) and is_separable(losses, model):
+            # heads once each (dL_i/dz), then only the layers between W and z once per task;
+            # the update is z's VJP with sum_i w_i dL_i/dz (the gradient of sum_i w_i L_i)
+            tg = task_gradients(losses, model, "rep")
+            assert tg.rep is not None
+            R = tg.matrix.reshape(self.num_tasks, *tg.rep.shape)
+            norms = torch.stack([
+                torch.autograd.grad(tg.rep, W, R[i], retain_graph=True)[0].norm()
+                for i in range(self.num_tasks)
+            ]).to(w.dtype)
+        else:
+            (J,) = jacobian(losses, [W])  # keeps the graph for the backward below
+            norms = J.flatten(1).norm(dim=1).to(w.dtype)  # ||grad_W L_i||
+            tg = None
         G = w * norms
         ratio = losses.detach() / self.initial_losses.clamp_min(1e-12)
         r = ratio / ratio.mean()
         target = G.mean() * r**self.alpha
         grad_w = torch.sign(G - target) * norms
         self.w.grad = grad_w.to(self.w) if self.w.grad is None else self.w.grad + grad_w
-        (w * losses).sum().backward()
+        if tg is None:
+            (w * losses).sum().backward()
+        else:
+            tg.apply(w.to(tg.matrix.dtype) @ tg.matrix, w)
         logs = weight_logs(w)
         logs["gradnorm_loss"] = float((G - target).abs().sum())
         return logs

@@ -297,6 +297,48 @@ def per_task_edges(losses: torch.Tensor) -> list[GradientEdge | None] | None:
     return [None if node is None else GradientEdge(node, nr) for node, nr in fn.next_functions]
 
 
+def _separation(
+    losses: torch.Tensor, model: nn.Module, shared: list[nn.Parameter],
+    own: list[list[nn.Parameter]],
+) -> tuple[torch.Tensor | None, list[GradientEdge | None] | None, bool, bool]:
+    """``(rep, edges, separable, free_heads)`` for the two-stage path (see ``task_gradients``)."""
+    rep = None
+    if getattr(model, "has_representation", False):
+        rep = getattr(model, "representation", None)
+        if not (isinstance(rep, torch.Tensor) and rep.requires_grad):
+            rep = None
+    edges = per_task_edges(losses) if rep is not None else None
+    # the two-stage path needs every shared parameter (and every other task's head) to reach
+    # each task's loss only through the representation
+    separable = edges is not None
+    # heads whose graphs share no node holding tensors can each free their graph when done
+    free_heads = separable
+    if separable:
+        assert rep is not None and edges is not None
+        shared_ids = {id(p) for p in shared}
+        visited: set[int] = set()
+        for t, edge in enumerate(edges):
+            if edge is None:
+                continue
+            others = {id(p) for s, ps in enumerate(own) if s != t for p in ps}
+            leaves, nodes, holding = _walk(edge.node, rep.grad_fn)
+            if leaves & (shared_ids | others):
+                separable = False
+                break
+            if holding & visited:
+                free_heads = False
+            visited |= nodes
+    return rep, edges, separable, free_heads
+
+
+def is_separable(losses: torch.Tensor, model: nn.Module) -> bool:
+    """True when ``task_gradients`` can take ``model``'s two-stage path (``"rep"`` mode exists)."""
+    shared, own = split_parameters(model)
+    if own and len(own) != losses.shape[0]:
+        return False
+    return _separation(losses, model, shared, own or [[] for _ in range(losses.shape[0])])[2]
+
+
 def task_gradients(
     losses: torch.Tensor,
     model: nn.Module,
@@ -326,31 +368,7 @@ def task_gradients(
     if own and len(own) != T:
         raise ValueError(f"model has {len(own)} tasks but {T} losses were given")
     own = own or [[] for _ in range(T)]
-    rep = None
-    if getattr(model, "has_representation", False):
-        rep = getattr(model, "representation", None)
-        if not (isinstance(rep, torch.Tensor) and rep.requires_grad):
-            rep = None
-    edges = per_task_edges(losses) if rep is not None else None
-    # the two-stage path needs every shared parameter (and every other task's head) to reach
-    # each task's loss only through the representation
-    separable = edges is not None
-    # heads whose graphs share no node holding tensors can each free their graph when done
-    free_heads = separable
-    if separable:
-        shared_ids = {id(p) for p in shared}
-        visited: set[int] = set()
-        for t, edge in enumerate(edges):
-            if edge is None:
-                continue
-            others = {id(p) for s, ps in enumerate(own) if s != t for p in ps}
-            leaves, nodes, holding = _walk(edge.node, rep.grad_fn)
-            if leaves & (shared_ids | others):
-                separable = False
-                break
-            if holding & visited:
-                free_heads = False
-            visited |= nodes
+    rep, edges, separable, free_heads = _separation(losses, model, shared, own)
     jinfo: dict = {}
     kw = dict(batched=batched, safe=safe, info=jinfo)
     if not separable:
