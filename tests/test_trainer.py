@@ -217,3 +217,17 @@ def test_a_diverging_loss_stops_with_one_line_and_keeps_the_checkpoint(small_cfg
     with pytest.raises(TrainingError, match=r"epoch 2 step 1: non-finite loss for depth"):
         t.fit()
     assert (tmp_path / "r" / "last.pt").read_bytes() == saved
+
+
+@pytest.mark.parametrize(
+    "options, pattern",
+    [
+        ({"num_tasks": 3}, r"'balancer.options.num_tasks': set from 'tasks'"),
+        ({"nope": 1}, r"balancer 'pcgrad' has no option 'nope'"),
+    ],
+)
+def test_bad_balancer_options_are_config_errors(small_cfg, tmp_path, options, pattern):
+    cfg = copy.deepcopy(small_cfg)
+    cfg["balancer"] = {"name": "pcgrad", "options": options}
+    with pytest.raises(ConfigError, match=pattern):
+        Trainer(from_dict(cfg), tmp_path / "r")

@@ -84,6 +84,11 @@ def build_model(cfg: ExperimentConfig, tasks: dict[str, Task]) -> torch.nn.Modul
 def build_balancer(cfg: ExperimentConfig) -> Any:
     from ..balancing import create
 
+    if "num_tasks" in cfg.balancer.options:
+        raise ConfigError(
+            "config key 'balancer.options.num_tasks': set from 'tasks' "
+            f"({len(cfg.tasks)}); remove it"
+        )
     return create(cfg.balancer.name, num_tasks=len(cfg.tasks), **cfg.balancer.options)
 
 
