@@ -25,3 +25,4 @@ lint: $(STAMP)
 
 bench: $(STAMP)
 	$(BIN)/python benchmarks/render_speed.py
+	$(BIN)/mtlcv bench balancing

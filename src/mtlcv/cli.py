@@ -178,6 +178,12 @@ def cmd_data_check(args: argparse.Namespace) -> int:
     return main_check(args.path, kind=args.kind)
 
 
+def cmd_bench(args: argparse.Namespace) -> int:
+    from .bench.balancing import main as bench_balancing
+
+    return bench_balancing(args.options)
+
+
 def cmd_list(args: argparse.Namespace) -> int:
     from .registry import ALL
 
@@ -304,6 +310,19 @@ def build_parser() -> argparse.ArgumentParser:
         help="layout (default: detected from PATH)",
     )
     c.set_defaults(func=cmd_data_check)
+
+    b = sub.add_parser("bench", help="benchmarks printed as ratios measured in one run")
+    b.add_argument(
+        "what",
+        choices=("balancing",),
+        help="balancing: step time and peak memory of every balancer vs equal weights",
+    )
+    b.add_argument(
+        "options",
+        nargs=argparse.REMAINDER,
+        help="options of the benchmark (see mtlcv bench balancing --help)",
+    )
+    b.set_defaults(func=cmd_bench)
 
     ls = sub.add_parser("list", help="list registered tasks, datasets, models and balancers")
     ls.add_argument(

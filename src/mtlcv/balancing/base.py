@@ -90,7 +90,10 @@ class GradientBalancer(Balancer):
     being ``w @ G``) or override ``aggregate(G, losses)`` altogether. ``backward`` computes ``G``
     with :func:`mtlcv.balancing.jacobian.task_gradients` in ``self.mode`` and writes the update
     into the shared parameters' ``.grad``; head parameters get their own task's gradient, scaled
-    by ``last_weights`` when ``scale_task_params`` is True.
+    by ``last_weights`` when ``scale_task_params`` is True. A method that overrides neither
+    ``aggregate`` nor ``aggregate_gradients`` only needs ``M``: on hard-sharing models in
+    ``"param"`` mode ``backward`` then never forms ``G`` (see jacobian.py, "Memory"); the update
+    is the same ``w @ G``.
 
     Args:
         num_tasks: T.

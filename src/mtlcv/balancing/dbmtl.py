@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any
 
 import torch
+from torch import nn
 
 from ..errors import ConfigError
 from ..registry import BALANCERS
-from .base import GradientBalancer, _check_matrix, check_positive
+from .base import GradientBalancer, _check_matrix, check_positive, weight_logs
+from .jacobian import split_parameters
 
 
 class DBMTL(GradientBalancer):
@@ -30,7 +33,9 @@ class DBMTL(GradientBalancer):
     Defined in parameter space (``mode="param"``, exact); with ``mode="rep"`` the EMA runs over
     representation gradients and is reset whenever the batch shape changes.
 
-    State (in ``state_dict()``): the step count and the EMA gradients ``ghat`` (T x P).
+    State (in ``state_dict()``): the step count and the EMA gradients ``ghat`` (T x P). On
+    hard-sharing models ``backward`` folds each task's gradient into ``ghat`` as it is computed,
+    so that ``G`` (another T x P) is never formed; ``ghat`` itself is the method's memory floor.
     """
 
     def __init__(
@@ -55,17 +60,66 @@ class DBMTL(GradientBalancer):
 
     def aggregate(self, G: torch.Tensor, losses: torch.Tensor | None = None) -> torch.Tensor:
         G = _check_matrix(G, self.num_tasks).detach()
-        if self.ema is None or self.ema.shape != G.shape:
-            self.ema = torch.zeros_like(G)
+        b = self._begin(G.shape, G)
+        for t in range(self.num_tasks):
+            self._fold(t, G[t], b)
+        return self._combine()
+
+    def _begin(self, shape: Sequence[int], like: torch.Tensor) -> float:
+        """Start a step: the EMA (``shape``, with ``like``'s dtype and device), the step count,
+        and ``beta_k``."""
+        if self.ema is None or tuple(self.ema.shape) != tuple(shape):
+            self.ema = like.new_zeros(shape)
             self.steps.zero_()
+        self.ema = self.ema.to(like)
         self.steps += 1
-        b = self.beta / int(self.steps) ** self.beta_sigma
-        # G + b (ema - G), in place: no T x P temporaries
-        self.ema = self.ema.to(G).sub_(G).mul_(b).add_(G)
+        return self.beta / int(self.steps) ** self.beta_sigma
+
+    def _fold(self, t: int, row: torch.Tensor, b: float, at: int = 0) -> None:
+        """``ghat_t <- g_t + b (ghat_t - g_t)`` for columns ``at:at+len(row)``, in place."""
+        assert self.ema is not None
+        e = self.ema[t, at : at + row.numel()]
+        e.sub_(row).mul_(b).add_(row)
+
+    def _combine(self) -> torch.Tensor:
+        assert self.ema is not None
         norms = self.ema.norm(dim=1)
         alpha = norms.max() / (norms + 1e-8)
         self.last_weights = alpha
         return alpha @ self.ema
+
+    def backward(self, losses: torch.Tensor, model: nn.Module | None = None) -> dict[str, float]:
+        """As :meth:`GradientBalancer.backward`, but each task's gradient is folded into the EMA
+        as soon as it is computed (on hard-sharing models), so ``G`` is never formed."""
+        from .jacobian import task_gradients
+
+        if model is None:
+            raise TypeError("DBMTL.backward needs the model")
+        shared = split_parameters(model)[0]
+        shape = (self.num_tasks, sum(p.numel() for p in shared))
+        state: dict[str, float] = {}
+
+        def fold(t: int, grads: Sequence[torch.Tensor | None]) -> None:
+            if not state:
+                like = next((g for g in grads if g is not None), losses)
+                state["b"] = self._begin(shape, like.detach())
+            i = 0
+            for p, g in zip(shared, grads):
+                if g is None:  # a zero gradient: ghat <- b ghat
+                    self.ema[t, i : i + p.numel()].mul_(state["b"])  # type: ignore[index]
+                else:
+                    self._fold(t, g.detach().reshape(-1), state["b"], i)
+                i += p.numel()
+
+        info: dict = {}
+        tg = task_gradients(losses, model, self.mode, scale=self.loss_scale(losses),
+                            batched=self.batched, safe=not self._batched_ok, info=info,
+                            on_row=fold)
+        self._batched_ok = self._batched_ok or bool(info.get("batched"))
+        update = self.aggregate(tg.matrix) if tg.matrix is not None else self._combine()
+        tg.apply(update, torch.ones(self.num_tasks, device=update.device, dtype=update.dtype))
+        self.after_backward(model)
+        return weight_logs(self.last_weights)
 
     def get_extra_state(self) -> Any:
         return {"ema": None if self.ema is None else self.ema.detach().cpu().clone()}

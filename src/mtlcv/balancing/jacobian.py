@@ -21,15 +21,31 @@ model that has a representation (``model.has_representation``, ``model.represent
 the last forward), the heads are still run once each: one small ``autograd.grad`` per task gives
 ``dL_t/dz`` and the head's own gradient, starting at task t's own loss (an edge of the trainer's
 ``torch.stack``; starting at ``losses[t]`` would run every head) and never entering the encoder.
-In ``"param"`` mode the encoder part of ``G`` then comes from **one batched vector-Jacobian
-product** through the encoder for all T tasks at once (``autograd.grad(z, shared,
-grad_outputs=[dL_t/dz]_t, is_grads_batched=True)``, i.e. vmap over T cotangents); in ``"rep"``
-mode the encoder is run backwards exactly once, as in plain training. Each part of the graph is
-freed as soon as it has been used, so no activation outlives the step. Models without a
-representation (or whose heads also use shared parameters or other tasks' parameters, which a
-walk of the heads' graph detects) are computed in ``"param"`` mode whatever the method asks, with
-the whole Jacobian from one batched VJP of the loss vector with one-hot cotangents. Whenever
-batching fails (an operator without a vmap rule) a loop of T ``autograd.grad`` calls is used.
+In ``"param"`` mode the encoder part of ``G`` then comes from **one backward pass per task**
+through the encoder alone, from ``z`` with the cotangent ``c_t dL_t/dz``: T encoder passes are
+the floor for exact per-task gradients. (``autograd.grad(..., is_grads_batched=True)`` runs the
+same T passes: its legacy vmap has no batching rule for the backward of convolution, batch norm
+or max pooling and loops over the tasks, holding all T intermediate gradients at once; measured
+on ResNet-18 it was slower than the plain loop.) In ``"rep"`` mode the encoder is run backwards
+exactly once, as in plain training. Each part of the graph is freed as soon as it has been used,
+so no activation outlives the step. Models without a representation (or whose heads also use
+shared parameters or other tasks' parameters, which a walk of the heads' graph detects) are
+computed in ``"param"`` mode whatever the method asks, with the whole Jacobian from one batched
+VJP of the loss vector with one-hot cotangents. Whenever batching fails (an operator without a
+vmap rule) a loop of T ``autograd.grad`` calls is used.
+
+Memory. ``G`` has T times as many entries as the shared parameters (10 tasks on ResNet-18:
+450 MB, more than a whole plain training step). Most methods only weigh the Gramian ``G G^T``
+(``GradientBalancer.gramian_weights``); for them ``G`` is never formed (``gramian=True``): the
+encoder's graph is cut at the nodes every path goes through (layer and residual-block
+boundaries, :func:`encoder_segments`) and walked down segment by segment, one pass per task and
+segment, so that only one group of parameters' T rows exists at a time (at most half a
+gradient's worth, or one parameter tensor); each group is added to the Gramian and dropped. The
+bottom segments, once all T rows below a cut fit in one gradient's worth of memory, are done in
+one pass per task and kept. The update ``w @ G`` is then ``w @ K`` for the kept rows and, for
+the dropped ones, ``z``'s VJP with ``sum_t w_t c_t dL_t/dz``: one more backward pass, through the
+top segments only (:meth:`TaskGradients.apply_weights`). DB-MTL folds each task's row into its
+moving average as it is computed (``on_row``); GradDrop in ``"param"`` mode gets ``G``.
 
 Task-specific parameters. A head's parameters get the gradient of their own task's loss, scaled
 by the method's weight of that task when the method's update is such a weighted sum (MGDA,
@@ -52,7 +68,7 @@ from __future__ import annotations
 
 import heapq
 import warnings
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 import torch
@@ -234,8 +250,6 @@ class TaskGradients:
     def apply(self, update: torch.Tensor, task_coeffs: torch.Tensor) -> None:
         """Accumulate ``update`` (shape ``[P]``) into the shared ``.grad`` and the heads' gradients
         scaled by ``task_coeffs`` (shape ``[T]``) into the task parameters' ``.grad``."""
-        if self.matrix is None:
-            raise ValueError("this step formed only the Gramian; use apply_weights")
         update = update.detach()
         if self.mode == "rep":
             assert self.rep is not None
@@ -349,6 +363,7 @@ def task_gradients(
     safe: bool = True,
     info: dict | None = None,
     gramian: bool = False,
+    on_row: Callable[[int, Sequence[torch.Tensor | None]], None] | None = None,
 ) -> TaskGradients:
     """Compute ``G`` for the loss vector ``losses`` (shape ``[T]``) of ``model``'s last forward.
 
@@ -359,6 +374,12 @@ def task_gradients(
     parameters only through it; other models fall back to ``"param"`` (the exact space). See the
     module docstring for what is computed how, and :func:`jacobian` for ``batched``, ``safe``
     and ``info``.
+
+    Two ways to skip ``G`` (``matrix`` is then None) on the two-stage path in ``"param"`` mode:
+    ``gramian=True`` forms only ``G G^T`` (``TaskGradients.gramian``; the update is written by
+    ``apply_weights``), and ``on_row(t, grads)`` receives each task's gradients of the shared
+    parameters (in ``shared`` order, None where unused) as they are computed (DB-MTL folds
+    them into its moving average). Elsewhere ``G`` is formed as usual.
     """
     check_mode(mode)
     T = losses.shape[0]
@@ -402,11 +423,17 @@ def task_gradients(
         M, kept, rest, skip = _encoder_gramian(rep, R, shared)
         return TaskGradients(None, "param", shared, rep, own=own_grads, skip=skip, gramian=M,
                              rows=R, kept=kept, rest=rest)
-    G = R.new_empty(T, sum(p.numel() for p in shared))
+    G = R.new_empty(T, sum(p.numel() for p in shared)) if on_row is None else None
     used = [False] * len(shared)
     for t in range(T):
         gs = torch.autograd.grad(rep, shared, R[t], retain_graph=t < T - 1, allow_unused=True)
-        _write_row(G[t], shared, gs, used)
+        if G is None:
+            assert on_row is not None
+            on_row(t, gs)
+            used = [u or g is not None for u, g in zip(used, gs)]
+        else:
+            _write_row(G[t], shared, gs, used)
+        del gs
     skip = {id(p) for p, u in zip(shared, used) if not u}
     return TaskGradients(G, "param", shared, own=own_grads, skip=skip)
 
@@ -498,19 +525,30 @@ def encoder_segments(
 
 
 def _groups(params: list[torch.Tensor], T: int, cap: int) -> list[list[torch.Tensor]]:
-    """Split a segment's parameters (in graph order) into groups of at most ``cap`` per-task
-    elements in all (one parameter at least), and at most ``_MAX_GROUPS`` groups."""
+    """Split a segment's parameters (in graph order, from the top) into groups, each closed once
+    its rows for all T tasks reach ``cap`` elements, and at most ``_MAX_GROUPS`` groups. Closing
+    a group right after a large parameter (a convolution's weight) means the next group's pass
+    does not compute that layer's input gradient again."""
     total = sum(p.numel() for p in params)
     cap = max(cap, -(-T * total // _MAX_GROUPS))
     groups: list[list[torch.Tensor]] = [[]]
     size = 0
     for p in params:
-        if groups[-1] and size + T * p.numel() > cap:
-            groups.append([])
-            size = 0
         groups[-1].append(p)
         size += T * p.numel()
-    return groups
+        if size >= cap:
+            groups.append([])
+            size = 0
+    return [g for g in groups if g] or [[]]
+
+
+def _gram(B: torch.Tensor, chunk: int = 1 << 16) -> torch.Tensor:
+    """``B B^T`` in float64, summed over column chunks: a [T, n] x [n, T] product with a huge n
+    is several times slower in one matrix multiplication than in cache-sized pieces."""
+    M = torch.zeros(B.shape[0], B.shape[0], dtype=torch.float64, device=B.device)
+    for b in B.split(chunk, dim=1):
+        M += (b @ b.T).double()
+    return M
 
 
 def _encoder_gramian(
@@ -544,31 +582,36 @@ def _encoder_gramian(
     tops: list[torch.Tensor | GradientEdge] = [rep]
     cots: list[list[torch.Tensor]] = [[R[t]] for t in range(T)]
     rest: list[nn.Parameter] = []
-    for params, bottom in segments[:switch]:
+    # one buffer for every group's rows and then the kept rows: fresh memory would be paged in
+    # again for each of them
+    groups = [_groups(params, T, budget // 2) for params, _ in segments[:switch]]
+    width = max((sum(p.numel() for p in g) for gs in groups for g in gs), default=0)
+    kept_params = [p for ps, _ in segments[switch:] for p in ps]
+    n_kept = sum(p.numel() for p in kept_params)
+    work = R.new_empty(T * max(width, n_kept))
+    for (params, bottom), segment_groups in zip(segments[:switch], groups):
         rest += params
-        groups = _groups(params, T, budget)
         nxt: list[list[torch.Tensor]] = [[] for _ in range(T)]
-        for gi, group in enumerate(groups):
-            inputs = [*group, *(bottom if gi == len(groups) - 1 else [])]
-            B = R.new_empty(T, sum(p.numel() for p in group))
+        for gi, group in enumerate(segment_groups):
+            inputs = [*group, *(bottom if gi == len(segment_groups) - 1 else [])]
+            B = work[: T * sum(p.numel() for p in group)].view(T, -1)
             for t in range(T):
                 gs = torch.autograd.grad(tops, inputs, cots[t], retain_graph=True,
                                          allow_unused=True)
                 _write_row(B[t], group, gs[: len(group)])
-                nxt[t] = [g if g is not None else torch.zeros(()) for g in gs[len(group):]]
-            M += (B @ B.T).double()
-            del B
+                if gi == len(segment_groups) - 1:
+                    nxt[t] = list(gs[len(group):])
+            M += _gram(B)
         tops, cots = list(bottom), nxt
-    kept_params = [p for ps, _ in segments[switch:] for p in ps]
     kept = None
     if kept_params:
-        K = R.new_empty(T, sum(p.numel() for p in kept_params))
+        K = work[: T * n_kept].view(T, n_kept)
         for t in range(T):
             gs = torch.autograd.grad(tops, kept_params, cots[t], retain_graph=t < T - 1,
                                      allow_unused=True)
             cots[t] = []
             _write_row(K[t], kept_params, gs)
-        M += (K @ K.T).double()
+        M += _gram(K)
         kept = (kept_params, K)
     return M, kept, rest, skip
 
