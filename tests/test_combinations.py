@@ -53,3 +53,16 @@ def test_one_step_of_every_method_on_every_architecture(arch, method, batch):
     opt.step()
     moved = sum(not torch.equal(a, p) for a, p in zip(before, model.parameters()))
     assert moved > 0.5 * len(before), f"only {moved} of {len(before)} tensors were updated"
+
+
+def test_rep_mode_on_a_model_without_separable_representation_warns(batch):
+    tasks = {t: TASKS.create(t) for t in TASK_NAMES}
+    model = build_model("mtan", tasks, {"name": "tiny", "width": 8}, {"name": "light"})
+    bal = balancing.create("mgda-ub", num_tasks=3)
+    from mtlcv.balancing import jacobian
+
+    jacobian._warned_models.clear()  # warned once per process: earlier tests may have
+    preds = model(batch["image"])
+    losses = torch.stack([tasks[t].loss(preds[t], batch[t]) for t in TASK_NAMES])
+    with pytest.warns(RuntimeWarning, match="no separable shared representation"):
+        bal.backward(losses, model)

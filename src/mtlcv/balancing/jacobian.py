@@ -345,6 +345,15 @@ def _separation(
     return rep, edges, separable, free_heads
 
 
+_warned_models: set[str] = set()
+
+
+def _warn_once(message: str) -> None:
+    if message not in _warned_models:
+        _warned_models.add(message)
+        warnings.warn(message, RuntimeWarning, stacklevel=3)
+
+
 def is_separable(losses: torch.Tensor, model: nn.Module) -> bool:
     """True when ``task_gradients`` can take ``model``'s two-stage path (``"rep"`` mode exists)."""
     shared, own = split_parameters(model)
@@ -393,6 +402,11 @@ def task_gradients(
     jinfo: dict = {}
     kw = dict(batched=batched, safe=safe, info=jinfo)
     if not separable:
+        if mode == "rep":
+            _warn_once(
+                f"{type(model).__name__} has no separable shared representation: per-task "
+                "gradients are taken in parameter space (mode 'param')"
+            )
         # no head/encoder split: the exact parameter space, from one batched VJP of the losses
         task_params = [p for ps in own for p in ps]
         inputs = [*shared, *task_params]
