@@ -115,29 +115,36 @@ def test_train_cli_end_to_end(small_cfg, tmp_path, capsys):
     assert (out / "metrics.jsonl").read_text().count("\n") == 2
 
 
+def _compare_args(tmp_path, cfg: dict, *options: str) -> list[str]:
+    """`mtlcv compare` arguments: base config `cfg` in tmp_path, grid in tmp_path/grid."""
+    import yaml
+
+    path = tmp_path / "base.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    return ["compare", "--config", str(path), *options, "--out", str(tmp_path / "grid")]
+
+
+def _baseline_ready(cfg: dict) -> dict:
+    """Train long enough for every baseline metric to be non-zero (Δm divides by them)."""
+    cfg["train"]["epochs"] = 2
+    cfg["optim"]["lr"] = 1e-2
+    return cfg
+
+
 @pytest.mark.slow
 def test_compare_grid_trains_tabulates_and_reuses(small_cfg, tmp_path, capsys):
     import json
 
-    import yaml
-
-    cfg = tmp_path / "base.yaml"
-    small_cfg["train"]["epochs"] = 2
-    small_cfg["optim"]["lr"] = 1e-2  # enough for every baseline metric to be non-zero
-    cfg.write_text(yaml.safe_dump(small_cfg))
-    args = [
-        "compare",
-        "--config",
-        str(cfg),
+    args = _compare_args(
+        tmp_path,
+        _baseline_ready(small_cfg),
         "--vary",
         "model.arch=stl,hps",
         "--seeds",
         "0,1",
         "--baseline",
         "model.arch=stl",
-        "--out",
-        str(tmp_path / "grid"),
-    ]
+    )
     assert main(args) == 0
     first = capsys.readouterr().out
     rows = json.loads((tmp_path / "grid" / "summary.json").read_text())
@@ -153,21 +160,16 @@ def test_compare_grid_trains_tabulates_and_reuses(small_cfg, tmp_path, capsys):
 
 
 def test_compare_baseline_must_name_one_combination(tmp_path, capsys):
-    cfg = tmp_path / "base.yaml"
-    cfg.write_text("name: x\n")
-    args = [
-        "compare",
-        "--config",
-        str(cfg),
+    args = _compare_args(
+        tmp_path,
+        {"name": "x"},
         "--vary",
         "model.arch=stl,hps",
         "--vary",
         "balancer.name=fixed,rlw",
         "--baseline",
         "model.arch=stl",
-        "--out",
-        str(tmp_path / "g"),
-    ]
+    )
     assert main(args) == 2
     assert "--baseline 'model.arch=stl' matches 2 combinations" in capsys.readouterr().err
 
@@ -176,25 +178,16 @@ def test_compare_baseline_must_name_one_combination(tmp_path, capsys):
 def test_compare_baseline_outside_the_grid_is_one_more_run(small_cfg, tmp_path, capsys):
     import json
 
-    import yaml
-
-    small_cfg["train"].update(epochs=2)
-    small_cfg["optim"]["lr"] = 1e-2
-    cfg = tmp_path / "base.yaml"
-    cfg.write_text(yaml.safe_dump(small_cfg))
-    args = [
-        "compare",
-        "--config",
-        str(cfg),
+    args = _compare_args(
+        tmp_path,
+        _baseline_ready(small_cfg),
         "--vary",
         "balancer.name=fixed,rlw",
         "--baseline",
         "model.arch=stl",
-        "--out",
-        str(tmp_path / "g"),
-    ]
+    )
     assert main(args) == 0
-    rows = json.loads((tmp_path / "g" / "summary.json").read_text())
+    rows = json.loads((tmp_path / "grid" / "summary.json").read_text())
     assert [r["label"] for r in rows] == ["stl", "fixed", "rlw"]
     assert rows[0]["delta_m"] == pytest.approx(0.0, abs=1e-9)
 
@@ -220,3 +213,32 @@ def test_data_check_names_the_bad_file(tmp_path, capsys):
     assert main(["data", "check", str(root)]) == 2
     out = capsys.readouterr().out
     assert str(bad) in out
+
+
+@pytest.mark.slow
+def test_demo_trains_both_runs_prints_the_table_and_reuses_them(scenes_root, tmp_path, capsys):
+    args = [
+        "demo",
+        "--out",
+        str(tmp_path / "demo"),
+        "--epochs",
+        "2",
+        "--set",
+        f"data.root={scenes_root}",
+        "--set",
+        "data.options={n: 48, size: [32, 48]}",
+        "--set",
+        "model.backbone.width=8",
+        "--set",
+        "optim.lr=0.01",
+    ]
+    assert main(args) == 0
+    out = capsys.readouterr().out
+    assert "STL" in out and "HPS" in out and "Δm" in out and "of 11 metrics" in out
+    stl, hps = tmp_path / "demo" / "stl" / "seed0", tmp_path / "demo" / "hps" / "seed0"
+    import json
+
+    res = json.loads((hps / "results.json").read_text())
+    assert res["baselines"] == str(stl) and res["selection"] == "delta_m"
+    assert main(args) == 0
+    assert capsys.readouterr().out.count("finished run reused") == 2

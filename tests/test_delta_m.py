@@ -120,3 +120,15 @@ def test_docstring_example_runs():
     # the package re-exports the function under the module's name, so fetch the module itself
     mod = sys.modules["mtlcv.analysis.delta_m"]
     assert doctest.testmod(mod).attempted >= 2 and doctest.testmod(mod).failed == 0
+
+
+def test_on_baseline_metrics_keeps_exactly_the_published_metrics():
+    from mtlcv.analysis import on_baseline_metrics
+    from mtlcv.analysis.baselines import get_baseline
+
+    base = get_baseline("nyuv2-segnet-stl")
+    results = {t: {m: v * 1.1 for m, v in ms.items()} for t, ms in base.items()}
+    results["depth"].update(rmse=0.9, delta1=55.0)  # computed by mtlcv, absent from the paper
+    kept = on_baseline_metrics(results, base)
+    assert {t: set(ms) for t, ms in kept.items()} == {t: set(ms) for t, ms in base.items()}
+    assert kept["depth"]["abs_err"] == results["depth"]["abs_err"]

@@ -84,13 +84,12 @@ def _print_results(results: dict, out: Path) -> None:
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
-    from .analysis import delta_m
+    from .analysis import delta_m, on_baseline_metrics
     from .analysis.tables import comparison_table
     from .config import load
     from .engine.checkpoint import load_checkpoint
     from .engine.evaluate import evaluate
     from .engine.experiment import build, load_baselines, make_loader
-    from .engine.trainer import _on_baseline_metrics
 
     run = Path(args.run)
     if not (run / "config.yaml").is_file():
@@ -111,7 +110,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     higher = {n: t.higher_is_better for n, t in exp.tasks.items()}
     if cfg.baselines:
         base = load_baselines(cfg.baselines)[args.split]
-        result["delta_m"] = delta_m(_on_baseline_metrics(metrics, base), base, higher)
+        result["delta_m"] = delta_m(on_baseline_metrics(metrics, base), base, higher)
     if args.json:
         print(json.dumps(result, indent=2))
         return 0
@@ -230,12 +229,16 @@ def cmd_demo(args: argparse.Namespace) -> int:
     con.print(
         f"parameters: STL {results['stl']['parameters']:,}, HPS {results['hps']['parameters']:,}"
     )
-    con.print(f"run directories: {Path(args.out) / 'stl'}  {Path(args.out) / 'hps'}")
+    con.print(f"run directories: {results['stl']['run_dir']}  {results['hps']['run_dir']}")
     con.print(f"demo time: {time.perf_counter() - start:.0f} s")
     return 0
 
 
 # ---------------------------------------------------------------------- parser
+def _add_set(parser: argparse.ArgumentParser, help: str) -> None:
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help=help)
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="mtlcv", description="Multi-task learning for dense vision.")
     p.add_argument("--version", action="version", version=f"mtlcv {__version__}")
@@ -243,13 +246,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     t = sub.add_parser("train", help="train an experiment from a YAML config")
     t.add_argument("--config", help="experiment YAML (optional with --resume)")
-    t.add_argument(
-        "--set",
-        action="append",
-        default=[],
-        metavar="KEY=VALUE",
-        help="override a config key, e.g. --set optim.lr=1e-4 (repeatable)",
-    )
+    _add_set(t, "override a config key, e.g. --set optim.lr=1e-4 (repeatable)")
     t.add_argument("--out", help="run directory (default runs/NAME-TIMESTAMP)")
     t.add_argument("--resume", action="store_true", help="continue the run in --out exactly")
     t.set_defaults(func=cmd_train)
@@ -258,25 +255,13 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--run", required=True, help="run directory")
     e.add_argument("--split", default="test", choices=("train", "val", "test"))
     e.add_argument("--checkpoint", default="best", choices=("best", "last"))
-    e.add_argument(
-        "--set",
-        action="append",
-        default=[],
-        metavar="KEY=VALUE",
-        help="override a config key (e.g. data.root=PATH)",
-    )
+    _add_set(e, "override a config key (e.g. data.root=PATH)")
     e.add_argument("--json", action="store_true", help="print JSON instead of a table")
     e.set_defaults(func=cmd_eval)
 
     g = sub.add_parser("compare", help="train a grid of variants x seeds and tabulate them")
     g.add_argument("--config", required=True, help="base experiment YAML")
-    g.add_argument(
-        "--set",
-        action="append",
-        default=[],
-        metavar="KEY=VALUE",
-        help="override a key of the base config (repeatable)",
-    )
+    _add_set(g, "override a key of the base config (repeatable)")
     g.add_argument(
         "--vary",
         action="append",
@@ -349,13 +334,7 @@ def build_parser() -> argparse.ArgumentParser:
     m = sub.add_parser("demo", help="STL vs hard sharing on the embedded scenes data (CPU)")
     m.add_argument("--out", default="runs/demo", help="where the two runs go (default runs/demo)")
     m.add_argument("--epochs", type=_positive, help="epochs per run (default 12)")
-    m.add_argument(
-        "--set",
-        action="append",
-        default=[],
-        metavar="KEY=VALUE",
-        help="override a key of the demo config",
-    )
+    _add_set(m, "override a key of the demo config")
     m.set_defaults(func=cmd_demo)
     return p
 

@@ -9,13 +9,14 @@ use and cached.
 from __future__ import annotations
 
 import copy
-import json
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from .config import from_dict, load, to_dict
-from .errors import ConfigError
+from .config import apply_overrides, from_dict
+
+#: the demo's two architectures: the single-task baselines first, then hard sharing
+ARCHS = ("stl", "hps")
 
 #: the demo experiment; ``configs/scenes/hps.yaml`` and ``stl.yaml`` hold the same settings
 DEMO: dict[str, Any] = {
@@ -35,19 +36,19 @@ DEMO: dict[str, Any] = {
 }
 
 
+def demo_base(epochs: int | None = None, overrides: list[str] | None = None) -> dict[str, Any]:
+    """The demo's base config (architecture not yet chosen) with the user's overrides."""
+    data = copy.deepcopy(DEMO)
+    data["name"] = "demo"
+    if epochs is not None:
+        data["train"]["epochs"] = epochs
+    return apply_overrides(data, overrides or [])
+
+
 def demo_configs(epochs: int | None = None, overrides: list[str] | None = None) -> dict[str, Any]:
     """The validated configs of the demo's two runs, ``{"stl": cfg, "hps": cfg}``."""
-    from .config import apply_overrides
-
-    out = {}
-    for arch in ("stl", "hps"):
-        data = copy.deepcopy(DEMO)
-        data["name"] = f"demo-{arch}"
-        data["model"]["arch"] = arch
-        if epochs is not None:
-            data["train"]["epochs"] = epochs
-        out[arch] = from_dict(apply_overrides(data, overrides or []))
-    return out
+    base = demo_base(epochs, overrides)
+    return {a: from_dict(apply_overrides(base, [f"model.arch={a}"])) for a in ARCHS}
 
 
 def run_demo(
@@ -56,29 +57,19 @@ def run_demo(
     overrides: list[str] | None = None,
     log: Callable[[str], None] = print,
 ) -> dict[str, dict[str, Any]]:
-    """Train STL then HPS into ``out_dir/{stl,hps}``; return both results dicts.
+    """Train STL then HPS into ``out_dir/{stl,hps}/seed<s>``; return both results dicts.
 
-    The HPS run selects its best epoch by Δm on val against the STL run.
+    A two-run grid (:mod:`mtlcv.engine.grid`): finished runs are reused, interrupted ones
+    resumed, and the HPS run selects its best epoch by Δm on val against the STL run.
     """
-    from .engine.trainer import train
+    from .engine.grid import run_grid
 
-    out = Path(out_dir)
-    cfgs = demo_configs(epochs, overrides)
-    results = {}
-    for arch, cfg in cfgs.items():
-        run = out / arch
-        if arch == "hps":
-            cfg.baselines = str(out / "stl")
-        if (run / "results.json").is_file() and (run / "config.yaml").is_file():
-            if to_dict(load(run / "config.yaml")) != to_dict(cfg):
-                raise ConfigError(
-                    f"{str(run)!r} holds a finished demo run with other settings; "
-                    "choose another --out"
-                )
-            log(f"[demo] {arch}: reusing the finished run in {run}")
-            results[arch] = json.loads((run / "results.json").read_text())
-            continue
-        resume = (run / "last.pt").is_file()
-        log(f"[demo] training {arch} ({cfg.train.epochs} epochs) -> {run}")
-        results[arch] = train(cfg, run, resume=resume, log=log)
-    return results
+    base = demo_base(epochs, overrides)
+    seed = int(base.get("seed", 0))
+    variants, _ = run_grid(
+        base, [("model.arch", list(ARCHS))], [seed], out_dir, baseline="model.arch=stl", log=log
+    )
+    return {
+        v.label: v.runs[seed] | {"run_dir": str(Path(out_dir) / v.label / f"seed{seed}")}
+        for v in variants
+    }

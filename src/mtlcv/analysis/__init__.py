@@ -1,5 +1,17 @@
 """Analysis: delta_m, tables, plots, reports."""
 
-from .delta_m import delta_m, delta_m_higher_is_better, delta_m_per_task, mean_rank
+from .delta_m import (
+    delta_m,
+    delta_m_higher_is_better,
+    delta_m_per_task,
+    mean_rank,
+    on_baseline_metrics,
+)
 
-__all__ = ["delta_m", "delta_m_higher_is_better", "delta_m_per_task", "mean_rank"]
+__all__ = [
+    "delta_m",
+    "delta_m_higher_is_better",
+    "delta_m_per_task",
+    "mean_rank",
+    "on_baseline_metrics",
+]

@@ -96,6 +96,15 @@ def delta_m(
     return sum(per_task[t] * sizes[t] for t in per_task) / sum(sizes.values())
 
 
+def on_baseline_metrics(results: Scores, baselines: Scores) -> dict[str, dict[str, float]]:
+    """``results`` restricted to the metrics the baselines report.
+
+    A published baseline may report fewer metrics than mtlcv computes (e.g. no depth RMSE in
+    the CAGrad paper's SegNet row); Δm must then average exactly the metrics of the literature.
+    """
+    return {t: {m: v for m, v in ms.items() if m in baselines[t]} for t, ms in results.items()}
+
+
 def delta_m_higher_is_better(per_task_first: bool = False) -> bool:
     """Direction of :func:`delta_m`: False for convention (a), True for convention (b)."""
     return per_task_first

@@ -35,8 +35,8 @@ from typing import Any
 
 import torch
 
-from ..analysis import delta_m, mean_rank
-from ..config import ExperimentConfig, dump, to_dict
+from ..analysis import delta_m, mean_rank, on_baseline_metrics
+from ..config import ExperimentConfig, dump, load, to_dict
 from ..errors import CheckpointError, ConfigError, TrainingError
 from .checkpoint import (
     atomic_save,
@@ -70,17 +70,11 @@ def _flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
     out = {}
     for k, v in d.items():
         key = f"{prefix}{k}"
-        if isinstance(v, dict) and v and all(isinstance(x, str) for x in v):
+        if isinstance(v, dict) and v:
             out.update(_flatten(v, key + "."))
         else:
             out[key] = v
     return out
-
-
-def _on_baseline_metrics(results: Metrics, base: Metrics) -> Metrics:
-    """``results`` restricted to the metrics the baseline reports (a published baseline may
-    report fewer, e.g. no depth RMSE), so Δm averages exactly the metrics of the literature."""
-    return {t: {m: v for m, v in ms.items() if m in base[t]} for t, ms in results.items()}
 
 
 def _peak_memory_mb(device: torch.device) -> float:
@@ -159,10 +153,7 @@ class Trainer:
 
     # ------------------------------------------------------------------ resume
     def _check_resume_config(self, cfg: ExperimentConfig) -> ExperimentConfig:
-        from ..config import load
-
-        saved_path = self.out / "config.yaml"
-        saved = load(saved_path)
+        saved = load(self.out / "config.yaml")
         a, b = _flatten(to_dict(saved)), _flatten(to_dict(cfg))
         for key in sorted(set(a) | set(b)):
             if key in RESUMABLE_CHANGES or a.get(key) == b.get(key):
@@ -298,7 +289,7 @@ class Trainer:
         if self.baselines is None:
             return {}
         base = self.baselines["val"]
-        return {"delta_m": delta_m(_on_baseline_metrics(val, base), base, self.higher)}
+        return {"delta_m": delta_m(on_baseline_metrics(val, base), base, self.higher)}
 
     def _is_best(self, score: dict[str, Any]) -> bool:
         if self.best is None:
@@ -399,12 +390,12 @@ class Trainer:
             results["delta_m"] = {
                 "convention": "mean over all metrics, lower is better (CAGrad/Nash-MTL/FAMO)",
                 "val": delta_m(
-                    _on_baseline_metrics(best["val"], self.baselines["val"]),
+                    on_baseline_metrics(best["val"], self.baselines["val"]),
                     self.baselines["val"],
                     self.higher,
                 ),
                 "test": delta_m(
-                    _on_baseline_metrics(test, self.baselines["test"]),
+                    on_baseline_metrics(test, self.baselines["test"]),
                     self.baselines["test"],
                     self.higher,
                 ),

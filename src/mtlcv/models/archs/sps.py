@@ -22,16 +22,14 @@ network. No single shared representation.
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Mapping
+from collections.abc import Mapping
 from typing import Any
 
 import torch
-from torch import nn
 
 from ...errors import ConfigError
 from ...registry import ARCHS
-from ..base import MultiTaskModel
-from .stl import SingleTaskNet
+from .stl import SingleTask
 
 NORMS = ("l2", "trace")
 
@@ -49,10 +47,8 @@ def parameter_distance(groups: list[list[torch.Tensor]], norm: str = "l2") -> to
 
 
 @ARCHS.register("sps")
-class SoftSharing(MultiTaskModel):
+class SoftSharing(SingleTask):
     """One network per task + an l2 (or trace-norm) penalty between their backbones."""
-
-    has_representation = False
 
     def __init__(
         self,
@@ -62,24 +58,14 @@ class SoftSharing(MultiTaskModel):
         penalty: float = 0.01,
         norm: str = "l2",
     ) -> None:
-        super().__init__()
         if norm not in NORMS:
             raise ConfigError(
                 f"model.options.norm: got {norm!r}, expected one of {', '.join(NORMS)}"
             )
         if isinstance(penalty, bool) or not isinstance(penalty, (int, float)) or penalty < 0:
             raise ConfigError(f"model.options.penalty: got {penalty!r}, expected a number >= 0")
-        self.tasks = list(tasks)
+        super().__init__(tasks, backbone, head)
         self.penalty, self.norm = float(penalty), norm
-        self.nets = nn.ModuleDict(
-            {t: SingleTaskNet(task, backbone, head) for t, task in tasks.items()}
-        )
-
-    def shared_parameters(self) -> Iterator[nn.Parameter]:
-        return iter(())
-
-    def task_parameters(self, task: str) -> Iterator[nn.Parameter]:
-        return self.nets[task].parameters()
 
     def distance(self) -> torch.Tensor:
         """The unweighted penalty: l2 distance or trace norm of the backbone parameters."""
@@ -90,6 +76,3 @@ class SoftSharing(MultiTaskModel):
         if self.penalty == 0 or len(self.tasks) < 2:
             return None
         return self.penalty * self.distance()
-
-    def forward(self, image: torch.Tensor) -> dict[str, torch.Tensor]:
-        return {t: self.nets[t](image) for t in self.tasks}
