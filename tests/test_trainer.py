@@ -231,3 +231,44 @@ def test_bad_balancer_options_are_config_errors(small_cfg, tmp_path, options, pa
     cfg["balancer"] = {"name": "pcgrad", "options": options}
     with pytest.raises(ConfigError, match=pattern):
         Trainer(from_dict(cfg), tmp_path / "r")
+
+
+class _TwoDigits(torch.utils.data.Dataset):
+    """Two classification tasks under their own names, one learnable from the image."""
+
+    targets = ("left", "right")
+    task_kinds = {"left": "classification", "right": "classification"}
+    task_options = {"left": {"num_classes": 2}, "right": {"num_classes": 3}}
+
+    def __len__(self):
+        return 16
+
+    def __getitem__(self, i):
+        g = torch.Generator().manual_seed(i)
+        return {
+            "image": torch.full((3, 16, 16), float(i % 2)),
+            "left": torch.tensor(i % 2),
+            "right": torch.randint(0, 3, (), generator=g),
+        }
+
+
+@DATASETS.register("test-two-digits")
+def _two_digits(split="train", root=None, augment=False):
+    return _TwoDigits()
+
+
+def test_tasks_of_one_kind_under_their_own_names(small_cfg, tmp_path):
+    from mtlcv.cli import main
+
+    cfg = copy.deepcopy(small_cfg)
+    cfg["tasks"] = ["left", "right"]
+    cfg["data"] = {"name": "test-two-digits", "batch_size": 4}
+    cfg["train"].update(epochs=1)
+    t = Trainer(from_dict(cfg), tmp_path / "r", log=lambda s: None)
+    assert [t.tasks[n].name for n in ("left", "right")] == ["left", "right"]
+    assert (t.tasks["left"].channels, t.tasks["right"].channels) == (2, 3)
+    results = t.fit()
+    assert set(results["test"]) == {"left", "right"}
+    assert results["higher_is_better"] == {"left": {"accuracy": True}, "right": {"accuracy": True}}
+    # eval tabulates them from the run's own record of metric directions
+    assert main(["eval", "--run", str(tmp_path / "r"), "--json"]) == 0

@@ -70,10 +70,9 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 
 def _print_results(results: dict, out: Path) -> None:
-    from .analysis.tables import comparison_table
-    from .registry import TASKS
+    from .analysis.tables import comparison_table, metric_directions
 
-    higher = {t: TASKS.create(t).higher_is_better for t in results["test"]}
+    higher = metric_directions(results)
     con = _console()
     con.print(comparison_table({results["name"]: results}, higher, title=f"test metrics ({out})"))
     if "delta_m" in results:
@@ -128,16 +127,15 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
 
 def cmd_compare(args: argparse.Namespace) -> int:
+    from .analysis.tables import metric_directions
     from .config import apply_overrides, read_yaml
     from .engine.grid import grid_table, markdown_table, parse_vary, run_grid, summarise
-    from .registry import TASKS
 
     base = apply_overrides(read_yaml(args.config), args.set)
     seeds = _int_list(args.seeds, "--seeds")
     vary = parse_vary(args.vary)
     vs, base_v = run_grid(base, vary, seeds, args.out, baseline=args.baseline)
-    tasks = next(iter(vs[0].runs.values()))["tasks"]
-    higher = {t: TASKS.create(t).higher_is_better for t in tasks}
+    higher = metric_directions(next(iter(vs[0].runs.values())))
     rows = summarise(vs, base_v, higher)
     out = Path(args.out)
     (out / "summary.json").write_text(json.dumps(rows, indent=2))
@@ -200,13 +198,12 @@ def cmd_list(args: argparse.Namespace) -> int:
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
-    from .analysis.tables import comparison_table
+    from .analysis.tables import comparison_table, metric_directions
     from .demo import run_demo
-    from .registry import TASKS
 
     start = time.perf_counter()
     results = run_demo(args.out, epochs=args.epochs, overrides=args.set)
-    higher = {t: TASKS.create(t).higher_is_better for t in results["hps"]["test"]}
+    higher = metric_directions(results["hps"])
     con = _console()
     con.print(
         comparison_table(

@@ -7,11 +7,13 @@ from .delta_m import (
     mean_rank,
     on_baseline_metrics,
 )
+from .tables import metric_directions
 
 __all__ = [
     "delta_m",
     "delta_m_higher_is_better",
     "delta_m_per_task",
     "mean_rank",
+    "metric_directions",
     "on_baseline_metrics",
 ]

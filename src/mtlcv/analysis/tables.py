@@ -10,6 +10,20 @@ from rich.table import Table
 from .delta_m import delta_m
 
 
+def metric_directions(results: Mapping[str, Any]) -> dict[str, dict[str, bool]]:
+    """``{task: {metric: higher_is_better}}`` of a results dict (``results.json``).
+
+    Runs record the directions themselves (``higher_is_better``), so that tasks whose name is
+    not a registered task kind (two ``classification`` tasks named ``left`` and ``right``) are
+    tabulated too; results written before that are looked up by task name in the registry.
+    """
+    if "higher_is_better" in results:
+        return {t: dict(ms) for t, ms in results["higher_is_better"].items()}
+    from ..registry import TASKS
+
+    return {t: dict(TASKS.create(t).higher_is_better) for t in results["test"]}
+
+
 def comparison_table(
     runs: Mapping[str, Mapping[str, Any]],
     higher_is_better: Mapping[str, Mapping[str, bool]],

@@ -8,6 +8,9 @@ It declares:
 
 * ``targets``: the task names it can provide;
 * ``task_options``: per task, the options its task needs (e.g. ``{"semseg": {"num_classes": 13}}``);
+* ``task_kinds``: per task name, the registered task kind that scores it when the name is not
+  itself a registered task, e.g. ``{"left": "classification", "right": "classification"}`` for
+  two digit-classification tasks; names absent from it are their own kind;
 * a sample that lacks a target it declares carries that target filled with the task's ignore
   value (255 for labels, 0 for depth and normals), so the loss and the metrics mask it; it is
   never dropped and never scored.
@@ -26,6 +29,7 @@ from torch.utils.data import Dataset
 class MTLDataset(Dataset):
     targets: tuple[str, ...] = ()
     task_options: dict[str, dict[str, Any]] = {}
+    task_kinds: dict[str, str] = {}
 
     def __len__(self) -> int:  # pragma: no cover - abstract
         raise NotImplementedError

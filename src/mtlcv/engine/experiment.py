@@ -65,8 +65,20 @@ def build_dataset(cfg: ExperimentConfig, split: str) -> Any:
 
 
 def build_tasks(cfg: ExperimentConfig, dataset: Any) -> dict[str, Task]:
+    """One :class:`Task` per name in ``cfg.tasks``.
+
+    A name is scored by the task kind the dataset declares for it in ``task_kinds`` (two
+    classification tasks ``left`` and ``right``), else by the registered task of that name; the
+    task object carries the name (its batch key and prediction key) in ``task.name``.
+    """
     opts = getattr(dataset, "task_options", {}) or {}
-    return {t: TASKS.create(t, where="tasks", **opts.get(t, {})) for t in cfg.tasks}
+    kinds = getattr(dataset, "task_kinds", {}) or {}
+    tasks = {}
+    for t in cfg.tasks:
+        task = TASKS.create(kinds.get(t, t), where="tasks", **opts.get(t, {}))
+        task.name = t
+        tasks[t] = task
+    return tasks
 
 
 def build_model(cfg: ExperimentConfig, tasks: dict[str, Task]) -> torch.nn.Module:

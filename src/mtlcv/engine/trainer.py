@@ -367,6 +367,7 @@ class Trainer:
         results: dict[str, Any] = {
             "name": self.cfg.name,
             "tasks": self.names,
+            "higher_is_better": self.higher,
             "arch": self.cfg.model.arch,
             "balancer": self.cfg.balancer.name,
             "best_epoch": self.best["epoch"],
