@@ -91,6 +91,9 @@ class TrainConfig:
     progress: bool = True
     #: CPU threads for PyTorch's intra-op parallelism (None = PyTorch's default, one per core)
     threads: int | None = None
+    #: every N training steps, log the gradient conflict and the TAG task affinity of the
+    #: shared parameters to ``gradients.jsonl`` (None = off; see mtlcv.engine.gradient_log)
+    log_gradients_every: int | None = None
 
 
 @dataclass
@@ -183,6 +186,9 @@ def _build(cls: type, data: Any, prefix: str) -> Any:
     for key, value in data.items():
         full = f"{prefix}.{key}" if prefix else str(key)
         if key not in names:
+            if full == "grid":  # a comparison grid's config (configs/*/seed_experiment.yaml)
+                raise ConfigError("config key 'grid' describes a comparison grid: run it with "
+                                  "`mtlcv compare --config FILE --out DIR`")
             raise ConfigError(f"unknown config key {full!r}; valid keys here: {', '.join(names)}")
         tp = hints[key]
         if dataclasses.is_dataclass(tp):
@@ -219,6 +225,8 @@ def validate(cfg: ExperimentConfig) -> ExperimentConfig:
         positive["train.max_steps"] = cfg.train.max_steps
     if cfg.train.threads is not None:
         positive["train.threads"] = cfg.train.threads
+    if cfg.train.log_gradients_every is not None:
+        positive["train.log_gradients_every"] = cfg.train.log_gradients_every
     for key, value in positive.items():
         if value < 1:
             raise ConfigError(f"config key {key!r}: got {value}, expected a positive integer")

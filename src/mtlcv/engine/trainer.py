@@ -14,6 +14,8 @@ A run directory holds:
   given, else by mean rank over all metrics);
 * ``results.json``: the test metrics of the best checkpoint, Δm when baselines exist, wall time
   and peak memory;
+* ``gradients.jsonl``: with ``train.log_gradients_every``, gradient conflict and TAG task
+  affinity every N steps (:mod:`mtlcv.engine.gradient_log`);
 * ``tb/``: TensorBoard scalars, when the ``tensorboard`` package is installed.
 
 Resuming (``resume=True``) restores ``last.pt`` and continues from the next epoch. Because the
@@ -55,6 +57,8 @@ from .experiment import (
     load_baselines,
     make_loader,
 )
+from .gradient_log import FILENAME as GRADIENT_LOG
+from .gradient_log import GradientLog, truncate_log
 
 #: keys of the config that may differ between a run and its resumption
 RESUMABLE_CHANGES = (
@@ -62,6 +66,7 @@ RESUMABLE_CHANGES = (
     "train.progress",
     "train.device",
     "train.threads",
+    "train.log_gradients_every",
     "data.num_workers",
 )
 
@@ -145,6 +150,8 @@ class Trainer:
                     raise ConfigError(f"config key 'baselines' ({cfg.baselines}): {exc}") from None
         self.val_loader = make_loader(cfg, self.exp.datasets["val"], train=False)
         self.test_loader = make_loader(cfg, self.exp.datasets["test"], train=False)
+        every = cfg.train.log_gradients_every
+        self.gradient_log = GradientLog(every, self.names, self.out, log) if every else None
         # training state
         self.epoch = 0
         self.history: list[dict[str, Any]] = []
@@ -244,6 +251,8 @@ class Trainer:
                 batch = to_device(batch, self.device)
                 if step == 0:
                     check_batch(batch, self.tasks)
+                if self.gradient_log is not None:
+                    self._log_gradients(batch, step, steps)
                 preds = self.model(batch["image"])
                 losses = self._losses(preds, batch)
                 if not torch.isfinite(losses).all():
@@ -271,6 +280,17 @@ class Trainer:
                 bar.stop()
         mean = (sums / max(steps, 1)).tolist()
         return dict(zip(self.names, mean)), logs, steps
+
+    def _log_gradients(self, batch: dict[str, Any], step: int, steps: int) -> None:
+        """Gradient conflict and task affinity on this batch, every N steps (no side effects)."""
+        assert self.gradient_log is not None
+        global_step = self.epoch * steps + step
+        if self.gradient_log.due(global_step):
+            self.gradient_log.measure(
+                self.model, batch["image"], lambda preds: self._losses(preds, batch),
+                lr=self.optimizer.param_groups[0]["lr"], epoch=self.epoch + 1, step=step + 1,
+                global_step=global_step,
+            )
 
     def _losses(self, preds: dict[str, torch.Tensor], batch: dict[str, Any]) -> torch.Tensor:
         """Per-task losses ``[T]``: each task's final loss plus its deep-supervision terms."""
@@ -313,6 +333,7 @@ class Trainer:
             self._load_state(self.out / "last.pt")
             self.log(f"resuming {self.out} after epoch {self.epoch}")
             self._truncate_metrics()
+            truncate_log(self.out / GRADIENT_LOG, self.epoch)
         dump(cfg, self.out / "config.yaml")
         writer = self._tensorboard()
         while self.epoch < cfg.train.epochs:
@@ -348,6 +369,8 @@ class Trainer:
             record["steps"] = steps
             with open(self.out / "metrics.jsonl", "a") as fh:
                 fh.write(json.dumps(record) + "\n")
+            if self.gradient_log is not None:
+                self.gradient_log.flush()
             atomic_save(self._state(), self.out / "last.pt")
             self._log_epoch(record, best, writer)
             if stop_after_epoch is not None and self.epoch >= stop_after_epoch:
