@@ -1,4 +1,4 @@
-"""The ``mtlcv`` command line: train, eval, data, list, demo.
+"""The ``mtlcv`` command line: train, eval, compare, report, data, bench, list, demo.
 
 Every user mistake (a bad config key, a missing file, a corrupt cache) is an
 :class:`~mtlcv.errors.MtlcvError`: the CLI prints its one line and exits with code 2, never a
@@ -129,12 +129,22 @@ def cmd_eval(args: argparse.Namespace) -> int:
 def cmd_compare(args: argparse.Namespace) -> int:
     from .analysis.tables import metric_directions
     from .config import apply_overrides, read_yaml
-    from .engine.grid import grid_table, markdown_table, parse_vary, run_grid, summarise
+    from .engine.grid import (
+        grid_section,
+        grid_table,
+        markdown_table,
+        parse_vary,
+        run_grid,
+        summarise,
+    )
 
-    base = apply_overrides(read_yaml(args.config), args.set)
-    seeds = _int_list(args.seeds, "--seeds")
-    vary = parse_vary(args.vary)
-    vs, base_v = run_grid(base, vary, seeds, args.out, baseline=args.baseline)
+    data = read_yaml(args.config)
+    grid = grid_section(data.pop("grid", None), args.config)
+    base = apply_overrides(data, args.set)
+    seeds = _int_list(args.seeds, "--seeds") if args.seeds is not None else grid["seeds"]
+    vary = parse_vary(args.vary) if args.vary else grid["vary"]
+    baseline = args.baseline if args.baseline is not None else grid["baseline"]
+    vs, base_v = run_grid(base, vary, seeds, args.out, baseline=baseline, jobs=args.jobs)
     higher = metric_directions(next(iter(vs[0].runs.values())))
     rows = summarise(vs, base_v, higher)
     out = Path(args.out)
@@ -148,6 +158,22 @@ def cmd_compare(args: argparse.Namespace) -> int:
         title += f"; Δm vs {base_v.label} (lower is better)"
     _console().print(grid_table(rows, higher, title=title))
     print(f"summary: {out / 'summary.md'}  {out / 'summary.json'}")
+    return 0
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+    from .analysis.report import build_report
+
+    start = time.perf_counter()
+    pareto = [v.strip() for v in args.pareto.split(",")] if args.pareto else None
+    only = [v.strip() for v in args.variants.split(",") if v.strip()] if args.variants else None
+    page = build_report(
+        args.path, args.out, pareto=pareto, variants=only, images=args.images,
+        qualitative=not args.no_qualitative, overrides=args.set,
+    )
+    pngs = sorted(page.parent.glob("*.png"))
+    print(f"report: {page} ({len(pngs)} figures as PNG beside it; "
+          f"{time.perf_counter() - start:.0f} s)")
     return 0
 
 
@@ -266,15 +292,44 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="KEY=V1,V2",
         help="a config key and its values to compare, e.g. model.arch=stl,hps",
     )
-    g.add_argument("--seeds", default="0", help="comma-separated seeds (default 0)")
+    g.add_argument(
+        "--seeds", help="comma-separated seeds (default: the config's grid.seeds, else 0)"
+    )
     g.add_argument(
         "--baseline",
         metavar="KEY=VALUE",
         help="the combination Δm is measured against, e.g. model.arch=stl",
     )
     g.add_argument("--out", required=True, help="grid directory (finished runs are reused)")
+    g.add_argument(
+        "--jobs",
+        type=_positive,
+        default=1,
+        help="runs trained at once, each in its own process with cores/N threads (default 1)",
+    )
     g.add_argument("--json", action="store_true", help="print JSON instead of a table")
     g.set_defaults(func=cmd_compare)
+
+    r = sub.add_parser(
+        "report", help="HTML report (with PNG figures) of a run directory or a compare grid"
+    )
+    r.add_argument("path", help="a run directory (mtlcv train) or a grid directory (compare)")
+    r.add_argument("--out", help="report folder (default PATH/report)")
+    r.add_argument(
+        "--pareto",
+        metavar="TASK.METRIC,TASK.METRIC",
+        help="the two test metrics of a grid's Pareto plot (default: each of the first two "
+        "tasks' first metric)",
+    )
+    r.add_argument("--variants", metavar="A,B", help="report only these variants of a grid")
+    r.add_argument(
+        "--images", type=_positive, default=4, help="val images in the qualitative grid (4)"
+    )
+    r.add_argument(
+        "--no-qualitative", action="store_true", help="skip the predictions on val images"
+    )
+    _add_set(r, "override a key of the runs' configs for the predictions, e.g. data.root=PATH")
+    r.set_defaults(func=cmd_report)
 
     d = sub.add_parser("data", help="make or check datasets")
     dsub = d.add_subparsers(dest="data_command", required=True, metavar="DATASET")

@@ -174,6 +174,8 @@ class NYUv2Dataset(MTLDataset):
         self.size = None if size is None else (int(size[0]), int(size[1]))
         self.num_classes = num_classes
         self.task_options = {"semseg": {"num_classes": num_classes}}
+        if num_classes == len(CLASSES13):
+            self.class_names = {"semseg": CLASSES13}
         self.has = {t: np.ones(len(self.ids), bool) for t in self.targets}
 
     def __len__(self) -> int:
