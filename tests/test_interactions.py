@@ -17,6 +17,7 @@ from mtlcv.analysis.interactions import (
 )
 from mtlcv.config import from_dict
 from mtlcv.engine.checkpoint import load_checkpoint
+from mtlcv.engine.gradient_log import read_log
 from mtlcv.engine.trainer import Trainer, train
 from mtlcv.errors import ConfigError
 
@@ -151,7 +152,7 @@ def test_logging_does_not_change_training_and_writes_one_record_per_logged_step(
     for k in a["model"]:  # weights, batch-norm statistics included
         assert torch.equal(a["model"][k], b["model"][k]), k
     assert not (tmp_path / "plain" / "gradients.jsonl").exists()
-    recs = [json.loads(x) for x in (tmp_path / "logged" / "gradients.jsonl").read_text().splitlines()]
+    recs = read_log(tmp_path / "logged" / "gradients.jsonl")
     # 3 steps per epoch, 2 epochs: global steps 0..5, logged every 2
     assert [r["global_step"] for r in recs] == [0, 2, 4]
     assert [(r["epoch"], r["step"]) for r in recs] == [(1, 1), (1, 3), (2, 2)]
@@ -179,7 +180,7 @@ def test_logging_works_for_any_architecture_and_balancer(small_cfg, tmp_path, ar
     a = load_checkpoint(tmp_path / "plain" / "last.pt")["model"]
     b = load_checkpoint(tmp_path / "logged" / "last.pt")["model"]
     assert all(torch.equal(a[k], b[k]) for k in a)
-    recs = [json.loads(x) for x in (tmp_path / "logged" / "gradients.jsonl").read_text().splitlines()]
+    recs = read_log(tmp_path / "logged" / "gradients.jsonl")
     assert len(recs) == 2 and all(torch.isfinite(torch.tensor(r["cosine"])).all() for r in recs)
 
 
@@ -210,3 +211,17 @@ def test_resumed_run_logs_exactly_what_an_uninterrupted_one_logs(small_cfg, tmp_
 def test_bad_schedule_is_a_config_error(small_cfg):
     with pytest.raises(ConfigError, match="train.log_gradients_every"):
         from_dict(_cfg(small_cfg, log_gradients_every=0))
+
+
+def test_a_run_cut_before_its_first_checkpoint_starts_its_logs_afresh(small_cfg, tmp_path):
+    """Ctrl-C between the first metrics line and the first last.pt: the rerun starts fresh and
+    must not keep the stale lines (each epoch is logged once)."""
+    cfg = _cfg(small_cfg, log_gradients_every=2, epochs=1)
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "metrics.jsonl").write_text('{"epoch": 1, "stale": true}\n')
+    (run / "gradients.jsonl").write_text('{"epoch": 1, "stale": true}\n')
+    train(from_dict(cfg), run, log=lambda s: None)
+    lines = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [x["epoch"] for x in lines] == [1] and "stale" not in lines[0]
+    assert all("stale" not in r for r in read_log(run / "gradients.jsonl"))

@@ -400,7 +400,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return exc.exit_code
     except KeyboardInterrupt:
         print(
-            "mtlcv: interrupted; the last finished epoch is saved (continue with --resume)",
+            "mtlcv: interrupted; the last finished epoch is saved (continue with train "
+            "--resume, or rerun the same compare command)",
             file=sys.stderr,
         )
         return 130

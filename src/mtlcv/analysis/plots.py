@@ -42,7 +42,7 @@ def _style(i: int) -> str:
 def save(fig: Figure, path: str | Path, dpi: int = 100) -> Path:
     """Write ``fig`` as PNG (Agg) and return the path."""
     path = Path(path)
-    fig.savefig(path, dpi=dpi, format="png", bbox_inches="tight")
+    fig.savefig(path, dpi=dpi, format="png")  # constrained layout already fits the margins
     return path
 
 

@@ -216,7 +216,7 @@ def _cmap(name: str) -> Any:
     from matplotlib import colormaps
 
     cm = colormaps[name].copy()
-    cm.set_bad("0.6")  # missing ground truth
+    cm = cm.with_extremes(bad="0.6")  # missing ground truth
     return cm
 
 

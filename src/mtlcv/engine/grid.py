@@ -118,11 +118,15 @@ def variants(vary: Sequence[tuple[str, list[str]]]) -> list[Variant]:
 
 
 def _settings(cfg: ExperimentConfig) -> dict[str, Any]:
-    """The config without the keys a run may change when resumed (threads, progress, ...)."""
+    """The config without the keys that do not change a run's result (threads, progress, the
+    device, data workers, gradient logging), which ``--jobs`` and reruns may set differently.
+    """
     from .trainer import RESUMABLE_CHANGES
 
     data = to_dict(cfg)
     for key in RESUMABLE_CHANGES:
+        if key == "train.epochs":  # a finished run of other length is another result
+            continue
         section, name = key.split(".", 1)
         data.get(section, {}).pop(name, None)
     return data
@@ -276,7 +280,8 @@ def _last_error(log_path: Path) -> str:
         lines = [x for x in log_path.read_text(errors="replace").splitlines() if x.strip()]
     except OSError:
         return "no log"
-    errors = [x for x in lines if x.startswith("mtlcv: error:")]
+    errors = [x.removeprefix("mtlcv: error:").strip() for x in lines
+              if x.startswith("mtlcv: error:")]
     return (errors or lines or ["no output"])[-1]
 
 

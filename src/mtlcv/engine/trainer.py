@@ -332,8 +332,10 @@ class Trainer:
         if self.resume:
             self._load_state(self.out / "last.pt")
             self.log(f"resuming {self.out} after epoch {self.epoch}")
-            self._truncate_metrics()
-            truncate_log(self.out / GRADIENT_LOG, self.epoch)
+        # lines of epochs after the checkpoint (all of them in a fresh run: an interruption
+        # between the first log line and the first last.pt) will be written again
+        self._truncate_metrics()
+        truncate_log(self.out / GRADIENT_LOG, self.epoch)
         dump(cfg, self.out / "config.yaml")
         writer = self._tensorboard()
         while self.epoch < cfg.train.epochs:

@@ -1,0 +1,137 @@
+"""`mtlcv compare --jobs N`: runs in parallel processes, same numbers, Ctrl-C and resumption."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+
+from mtlcv.cli import main
+from mtlcv.engine.grid import cpu_cores, grid_section
+from mtlcv.errors import ConfigError
+
+
+def _base(scenes_root: str, epochs: int) -> dict:
+    return {
+        "name": "jobs",
+        "tasks": ["semseg", "depth", "normals"],
+        "data": {"name": "scenes", "root": scenes_root, "batch_size": 4,
+                 "options": {"n": 48, "size": [32, 48], "seed": 0}},
+        "model": {"backbone": {"name": "tiny", "width": 8}, "head": {"name": "light"}},
+        "optim": {"lr": 1e-2},
+        # one thread everywhere: the parallel runs must give the sequential numbers bit for bit
+        "train": {"epochs": epochs, "max_steps": 3, "progress": False, "threads": 1},
+        "grid": {"vary": {"model.arch": ["stl", "hps"]}, "seeds": [0, 1],
+                 "baseline": "model.arch=stl"},
+    }
+
+
+def _epochs(run: Path) -> list[int]:
+    if not (run / "metrics.jsonl").is_file():
+        return []
+    return [json.loads(x)["epoch"] for x in (run / "metrics.jsonl").read_text().splitlines()]
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(cpu_cores() < 2, reason="--jobs 2 needs two CPU cores")
+def test_interrupted_parallel_grid_resumes_to_the_sequential_numbers(scenes_root, tmp_path):
+    epochs = 8
+    cfg = tmp_path / "grid.yaml"
+    cfg.write_text(yaml.safe_dump(_base(scenes_root, epochs)))
+    par, seq = tmp_path / "par", tmp_path / "seq"
+    cmd = [sys.executable, "-m", "mtlcv", "compare", "--config", str(cfg), "--out", str(par),
+           "--jobs", "2"]
+    env = dict(os.environ, PYTHONUNBUFFERED="1")
+    with open(tmp_path / "out.txt", "w") as out:
+        # its own session, as a terminal's foreground job: Ctrl-C reaches the grid process,
+        # which must pass it on to the runs it started
+        proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=env,
+                                start_new_session=True)
+        deadline = time.monotonic() + 300
+        while not (par / "hps" / "seed0" / "last.pt").is_file() and proc.poll() is None:
+            assert time.monotonic() < deadline, "the grid did not start its second wave"
+            time.sleep(0.02)
+        os.killpg(proc.pid, signal.SIGINT)
+        rc = proc.wait(timeout=120)
+    text = (tmp_path / "out.txt").read_text()
+    assert rc == 130, text
+    assert "interrupted" in text and "Traceback" not in text
+    # the baselines finished first (both at once); the runs interrupted kept whole epochs only
+    for seed in (0, 1):
+        assert (par / "stl" / f"seed{seed}" / "results.json").is_file()
+    cut = [par / "hps" / f"seed{s}" for s in (0, 1)
+           if not (par / "hps" / f"seed{s}" / "results.json").is_file()]
+    assert par / "hps" / "seed0" in cut
+    resumable = [run for run in cut if (run / "last.pt").is_file()]
+    assert par / "hps" / "seed0" in resumable  # (seed 1 may not have finished an epoch)
+    for run in cut:
+        assert "Traceback" not in (run / "train.log").read_text()
+    for run in resumable:
+        done = _epochs(run)
+        assert done == list(range(1, len(done) + 1)) and 1 <= len(done) < epochs
+    # the same command resumes them
+    assert main(["compare", "--config", str(cfg), "--out", str(par), "--jobs", "2"]) == 0
+    for run in cut:
+        assert ("resuming" in (run / "train.log").read_text()) == (run in resumable)
+        assert _epochs(run) == list(range(1, epochs + 1))
+    # and the numbers are those of one uninterrupted sequential grid
+    assert main(["compare", "--config", str(cfg), "--out", str(seq)]) == 0
+    for label in ("stl", "hps"):
+        for seed in (0, 1):
+            a = json.loads((par / label / f"seed{seed}" / "results.json").read_text())
+            b = json.loads((seq / label / f"seed{seed}" / "results.json").read_text())
+            assert a["test"] == b["test"] and a["val"] == b["val"], (label, seed)
+    assert json.loads((par / "summary.json").read_text())[1]["delta_m"] == json.loads(
+        (seq / "summary.json").read_text())[1]["delta_m"]
+
+
+@pytest.mark.skipif(cpu_cores() < 2, reason="--jobs 2 needs two CPU cores")
+def test_a_failing_run_is_named_and_the_others_finish(scenes_root, tmp_path, capsys):
+    base = _base(scenes_root, 1)
+    # the second size does not match the cache at data.root: its run stops at once (exit 2)
+    base["grid"] = {"vary": {"data.options.size": [[32, 48], [16, 24]]}}
+    base["train"]["max_steps"] = 2
+    cfg = tmp_path / "grid.yaml"
+    cfg.write_text(yaml.safe_dump(base))
+    out = tmp_path / "g"
+    assert main(["compare", "--config", str(cfg), "--out", str(out), "--jobs", "2"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "1 of 2 runs failed: [16, 24] seed 0: cache '" in err
+    assert "size=16x24" in err and str(out / "[16, 24]" / "seed0" / "train.log") in err
+    assert (out / "[32, 48]" / "seed0" / "results.json").is_file()
+
+
+def test_jobs_beyond_the_cores_is_a_one_line_error(tmp_path, capsys):
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text(yaml.safe_dump({"name": "x"}))
+    n = cpu_cores() + 1
+    assert main(["compare", "--config", str(cfg), "--out", str(tmp_path / "g"), "--jobs",
+                 str(n)]) == 2
+    assert f"--jobs {n}: only {cpu_cores()} CPU core" in capsys.readouterr().err
+
+
+def test_grid_section_is_checked():
+    assert grid_section(None) == {"vary": [], "seeds": [0], "baseline": None}
+    got = grid_section({"vary": {"data.options.size": [[48, 64]], "optim.lr": [0.1, 1e-3]},
+                        "seeds": [0, 1, 2], "baseline": "optim.lr=0.1"})
+    assert got["vary"] == [("data.options.size", ["[48, 64]"]), ("optim.lr", ["0.1", "0.001"])]
+    for bad, words in (({"vary": ["model.arch"]}, "grid'.vary: expected a mapping"),
+                       ({"seeds": ["a"]}, "seeds: expected a list of integers"),
+                       ({"baseline": "stl"}, "baseline: expected KEY=VALUE"),
+                       ({"jobs": 2}, "unknown key 'jobs'")):
+        with pytest.raises(ConfigError, match=words):
+            grid_section(bad, "f.yaml")
+
+
+def test_train_on_a_grid_config_says_to_use_compare(tmp_path, capsys):
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text(yaml.safe_dump({"name": "x", "grid": {"seeds": [0]}}))
+    assert main(["train", "--config", str(cfg), "--out", str(tmp_path / "r")]) == 2
+    assert "mtlcv compare" in capsys.readouterr().err
