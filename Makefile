@@ -18,6 +18,7 @@ demo: $(STAMP)
 	$(BIN)/mtlcv demo
 
 test: $(STAMP)
+	sh scripts/install-browser.sh
 	$(BIN)/python -m pytest -q
 
 lint: $(STAMP)

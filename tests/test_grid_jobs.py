@@ -11,6 +11,7 @@ import time
 from pathlib import Path
 
 import pytest
+import torch
 import yaml
 
 from mtlcv.cli import main
@@ -135,3 +136,27 @@ def test_train_on_a_grid_config_says_to_use_compare(tmp_path, capsys):
     cfg.write_text(yaml.safe_dump({"name": "x", "grid": {"seeds": [0]}}))
     assert main(["train", "--config", str(cfg), "--out", str(tmp_path / "r")]) == 2
     assert "mtlcv compare" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("name", ["scenes/seed_experiment.yaml", "nyuv2/seed_experiment.yaml"])
+def test_seed_experiment_plans_every_architecture_with_every_balancer(name, tmp_path):
+    from mtlcv.config import read_yaml
+    from mtlcv.engine.experiment import build_balancer, build_model
+    from mtlcv.engine.grid import plan_grid
+    from mtlcv.tasks import create
+
+    path = Path(__file__).resolve().parents[1] / "configs" / name
+    data = read_yaml(path)
+    grid = grid_section(data.pop("grid"), path)
+    vs, base_v, jobs = plan_grid(data, grid["vary"], grid["seeds"], tmp_path, grid["baseline"])
+    assert base_v is vs[0] and base_v.label == "stl" and len(grid["seeds"]) >= 3
+    pairs = {(j.cfg.model.arch, j.cfg.balancer.name) for j in jobs[len(grid["seeds"]):]}
+    assert pairs == {(a, b) for a in ("hps", "cross_stitch", "sps", "mtan", "padnet")
+                     for b in ("fixed", "uncertainty", "dwa", "gradnorm", "dtp", "graddrop")}
+    assert len(jobs) == 31 * len(grid["seeds"])
+    tasks = {t: create(t) for t in data["tasks"]}
+    for job in jobs[:: len(grid["seeds"])]:  # every variant builds (on a small backbone)
+        job.cfg.model.backbone["width"] = 8
+        model = build_model(job.cfg, tasks)
+        build_balancer(job.cfg)
+        assert set(model(torch.rand(1, 3, 32, 32))) == set(data["tasks"])

@@ -225,3 +225,4 @@ def test_a_run_cut_before_its_first_checkpoint_starts_its_logs_afresh(small_cfg,
     lines = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
     assert [x["epoch"] for x in lines] == [1] and "stale" not in lines[0]
     assert all("stale" not in r for r in read_log(run / "gradients.jsonl"))
+

@@ -164,3 +164,21 @@ def test_report_in_headless_chromium(grid):
         browser.open(bad.resolve().as_uri())
         assert browser.run("return document.images[0].naturalWidth") == 0
         assert any("boom" in e["message"] for e in browser.console() if e["level"] == "SEVERE")
+
+
+def test_seed_noise_verdicts():
+    from mtlcv.analysis.report import GridData, RunData, noise_rows, t95
+
+    assert t95(2) == 4.303 and t95(12) == 2.228 and t95(100) == 1.96
+
+    def run(miou):
+        return RunData(Path("."), {}, [], {"test": {"s": {"miou": miou}}}, [])
+
+    grid = GridData(Path("."), ["stl", "good", "noisy"], {}, "stl", {
+        "stl": {0: run(40.0), 1: run(40.0), 2: run(40.0)},
+        "good": {0: run(44.0), 1: run(44.4), 2: run(43.6)},  # Δm -10 % ± 1 %
+        "noisy": {0: run(48.0), 1: run(36.0), 2: run(41.0)},
+    })
+    rows = [{"label": k, "delta_m": 0.0} for k in grid.labels]
+    got = {r[0]: r[-1] for r in noise_rows(rows, grid, {"s": {"miou": True}})}
+    assert got == {"good": "better than the baseline", "noisy": "within seed noise"}

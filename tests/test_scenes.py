@@ -277,3 +277,14 @@ def test_factory_errors_name_what_is_wrong(cache):
         S.scenes(root=str(root), size="big")
     with pytest.raises(ConfigError, match="'n'"):
         S.write_cache(root, n=0)
+
+
+def test_scenes_n_train_takes_a_prefix_of_the_training_split(scenes_root):
+    opts = {"root": scenes_root, "n": 48, "size": [32, 48], "seed": 0}
+    full = DATASETS.create("scenes", split="train", **opts)
+    part = DATASETS.create("scenes", split="train", n_train=10, **opts)
+    val = DATASETS.create("scenes", split="val", n_train=10, **opts)
+    assert len(part) == 10 and torch.equal(part[3]["image"], full[3]["image"])
+    assert len(val) == len(DATASETS.create("scenes", split="val", **opts))  # unchanged
+    with pytest.raises(ConfigError, match="n_train"):
+        DATASETS.create("scenes", split="train", n_train=len(full) + 1, **opts)

@@ -406,6 +406,53 @@ def run_report(run_dir: Path, out: Path, images: int = 4, qualitative: bool = Tr
     return page.write(meta + f" · written {time.strftime('%Y-%m-%d %H:%M')}")
 
 
+#: two-sided 95 % quantiles of Student's t by degrees of freedom (seeds - 1)
+T95 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306,
+       9: 2.262, 10: 2.228, 15: 2.131, 20: 2.086, 30: 2.042}
+
+
+def t95(df: int) -> float:
+    """The 97.5 % quantile of Student's t with ``df`` degrees of freedom (table; conservative
+    between entries, 1.96 beyond 30)."""
+    if df < 1:
+        return math.inf
+    if df > 30:
+        return 1.96
+    return T95[max(d for d in T95 if d <= df)]
+
+
+def noise_rows(rows: Sequence[dict[str, Any]], grid: GridData,
+               higher: dict[str, dict[str, bool]]) -> list[list[str]]:
+    """Per variant: is its Δm against the baseline beyond seed noise? A one-sample t-test of
+    the per-seed Δm values against 0 at 95 % (two-sided)."""
+    from . import delta_m
+
+    base = [r.results["test"] for r in grid.runs.get(grid.baseline or "", {}).values()
+            if r.results]
+    if not base:
+        return []
+    from ..engine.grid import _mean_metrics
+
+    base_mean = _mean_metrics(base)
+    out = []
+    for row in rows:
+        if row["label"] == grid.baseline or "delta_m" not in row:
+            continue
+        dms = [delta_m(r.results["test"], base_mean, higher)
+               for r in grid.runs[row["label"]].values() if r.results]
+        n = len(dms)
+        if n < 2:
+            out.append([row["label"], f"{dms[0]:+.2f}", "—", "1", "—", "one seed: unknown"])
+            continue
+        mean, sd = statistics.mean(dms), statistics.stdev(dms)
+        t = mean / (sd / math.sqrt(n)) if sd > 0 else math.copysign(math.inf, mean or 1)
+        crit = t95(n - 1)
+        verdict = ("better than the baseline" if t < -crit else
+                   "worse than the baseline" if t > crit else "within seed noise")
+        out.append([row["label"], f"{mean:+.2f}", f"{sd:.2f}", str(n), f"{t:+.2f}", verdict])
+    return out
+
+
 def _parse_metric(text: str, higher: dict[str, dict[str, bool]]) -> tuple[str, str]:
     task, _, metric = text.partition(".")
     if task not in higher or metric not in higher[task]:
@@ -455,6 +502,14 @@ def grid_report(grid_dir: Path, out: Path, pareto: Sequence[str] | None = None,
                   "summary.md keeps.")
     else:
         page.text("No run has finished yet.", "note")
+    noise = noise_rows(rows, grid, higher)
+    if noise:
+        page.section("Δm against seed noise")
+        page.raw(_table(["run", "Δm % (mean)", "std", "seeds", "t", "verdict (95 %)"], noise))
+        page.text(f"A one-sample t-test of each variant's per-seed Δm against 0 (two-sided, 95 %; "
+                  f"|t| above {t95(max(2, len(seeds)) - 1):.2f} with {len(seeds)} seeds). It "
+                  "treats the baseline's mean over seeds as exact, so it slightly overstates "
+                  "the evidence; with few seeds only large differences pass.")
     keys = [(t, m) for t, ms in higher.items() for m in ms]
     if len(rows) >= 2 and len(keys) >= 2:
         if pareto:

@@ -269,13 +269,21 @@ class ScenesDataset(MTLDataset):
     class_names = {"semseg": tuple(CLASSES), "classification": tuple(ROOM_TYPES)}
 
     def __init__(self, root: str | os.PathLike, split: str = "train",
-                 augment: bool = False) -> None:
+                 augment: bool = False, n_train: int | None = None) -> None:
         if split not in SPLITS:
             raise ConfigError(f"scenes: unknown split {split!r}; valid: {', '.join(SPLITS)}")
         self.root, self.split, self.augment = Path(root), split, augment
         self.meta = _read_meta(self.root)
         self.arrays = {k: torch.from_numpy(v)
                        for k, v in _load_split(self.root, split, self.meta).items()}
+        if n_train is not None:
+            have = self.meta["splits"]["train"]
+            if isinstance(n_train, bool) or not isinstance(n_train, int) or not (
+                    1 <= n_train <= have):
+                raise ConfigError(f"scenes option 'n_train': expected 1 to {have} (the training "
+                                  f"images of the cache, n={self.meta['n']}), got {n_train!r}")
+            if split == "train":
+                self.arrays = {k: v[:n_train] for k, v in self.arrays.items()}
 
     def __len__(self) -> int:
         return len(self.arrays["classification"])
@@ -292,10 +300,13 @@ class ScenesDataset(MTLDataset):
 
 @DATASETS.register("scenes", help="procedural indoor scenes (embedded, rendered to a cache)")
 def scenes(split: str = "train", root: str | None = None, augment: bool = False, n: int = 600,
-           size: Sequence[int] = (96, 128), seed: int = 0) -> ScenesDataset:
+           size: Sequence[int] = (96, 128), seed: int = 0,
+           n_train: int | None = None) -> ScenesDataset:
     """The scenes dataset; renders its cache on first use (``root`` default: :func:`default_root`).
 
     A cache made with other ``n``/``size``/``seed`` is an error (never silently replaced).
+    ``n_train`` trains on the first ``n_train`` training images only, val and test unchanged:
+    training sets of several sizes then share one cache and are scored on the same images.
     """
     if split not in SPLITS:
         raise ConfigError(f"scenes: unknown split {split!r}; valid: {', '.join(SPLITS)}")
@@ -310,4 +321,4 @@ def scenes(split: str = "train", root: str | None = None, augment: bool = False,
         raise DataError(f"cache '{folder}' holds n={have[0]}, size={have[1][0]}x{have[1][1]}, "
                         f"seed={have[2]} but n={n}, size={h}x{w}, seed={seed} was asked for; "
                         "match data.options to it, or point data.root at another folder")
-    return ScenesDataset(folder, split, augment)
+    return ScenesDataset(folder, split, augment, n_train)
