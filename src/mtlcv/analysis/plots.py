@@ -134,6 +134,9 @@ def delta_m_figure(series: Series) -> Figure | None:
         return None
     fig = Figure(figsize=(6.5, 3.2), layout="constrained")
     ax = fig.subplots()
+    from matplotlib.ticker import MaxNLocator
+
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     for i, (label, runs) in enumerate(have.items()):
         ys = _stack([[h.get("delta_m", math.nan) for h in hist] for hist in runs])
         _band(ax, np.arange(1, ys.shape[1] + 1), ys, i, label)
@@ -160,17 +163,26 @@ def task_weights(history: History, tasks: Sequence[str]) -> np.ndarray | None:
     return np.array(rows, dtype=float) if rows else None
 
 
-def weights_figure(series: Series, tasks: Sequence[str]) -> Figure | None:
-    """Task weights over epochs, one panel per label with weights, one line per task."""
+def weights_figure(series: Series, tasks: Sequence[str],
+                   skip_constant: bool = False) -> Figure | None:
+    """Task weights over epochs, one panel per label with weights, one line per task.
+
+    ``skip_constant`` leaves out labels whose weights never change (fixed weights), for grids.
+    """
+    from matplotlib.ticker import MaxNLocator
+
     have = {}
     for label, runs in series.items():
         ws = [w for hist in runs if (w := task_weights(hist, tasks)) is not None]
+        if ws and skip_constant and all(np.allclose(w, w[:1]) for w in ws):
+            continue
         if ws:
             have[label] = ws
     if not have:
         return None
     fig, axes = _grid(len(have), 4, 3.0, 2.2)
     for ax, (label, ws) in zip(axes, have.items()):
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         n = max(len(w) for w in ws)
         for t, task in enumerate(tasks):
             ys = _stack([w[:, t] for w in ws])

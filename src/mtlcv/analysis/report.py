@@ -498,12 +498,12 @@ def grid_report(grid_dir: Path, out: Path, pareto: Sequence[str] | None = None,
         page.raw(_table(head, [_cells(r, cols, has_dm) for r in rows], best))
         page.text("Test split, mean over seeds; Δm (convention (a), lower is better) of each "
                   "seed's run against the baseline's mean over seeds, mean ± std over seeds; "
-                  "bold: best in its column. The same table as `mtlcv compare` prints and "
+                  "bold: best in its column. The same table as mtlcv compare prints and "
                   "summary.md keeps.")
     else:
         page.text("No run has finished yet.", "note")
     noise = noise_rows(rows, grid, higher)
-    if noise:
+    if any(r[3] != "1" for r in noise):  # with one seed per variant there is no noise estimate
         page.section("Δm against seed noise")
         page.raw(_table(["run", "Δm % (mean)", "std", "seeds", "t", "verdict (95 %)"], noise))
         page.text(f"A one-sample t-test of each variant's per-seed Δm against 0 (two-sided, 95 %; "
@@ -544,12 +544,13 @@ def grid_report(grid_dir: Path, out: Path, pareto: Sequence[str] | None = None,
         page.figure(dm, "delta_m", "Δm on val against the baseline run of the same seed per "
                     "epoch (the criterion that selects each run's best epoch).")
     page.section("Task weights")
-    wf = plots.weights_figure(series, tasks)
+    wf = plots.weights_figure(series, tasks, skip_constant=True)
     if wf is None:
-        page.text("No balancer in this grid logs task weights.", "note")
+        page.text("No balancer in this grid changes its task weights.", "note")
     else:
         page.figure(wf, "task_weights", "Each variant's task weights per epoch (mean over the "
-                    "epoch's steps; line: mean over seeds, band: seed range).")
+                    "epoch's steps; line: mean over seeds, band: seed range). Variants whose "
+                    "weights never change (fixed weights) are left out.")
     cos, aff = {}, {}
     for label, seeds_ in grid.runs.items():
         recs = [g for r in seeds_.values() for g in r.gradients]

@@ -339,6 +339,7 @@ class _Display:
     def close(self) -> None:
         if self.bar is not None:
             self.bar.stop()
+            self.bar = None
 
 
 def _run_parallel(
