@@ -119,6 +119,7 @@ def write(args: argparse.Namespace, data: dict[str, Any]) -> None:
     ax.set_xscale("log")
     ax.set_xticks(sorted({int(s) for sz in data.values() for s in sz}))
     ax.get_xaxis().set_major_formatter("{x:.0f}")
+    ax.get_xaxis().set_minor_formatter("")
     ax.set_xlabel("training images")
     ax.set_ylabel("Δm % vs single-task networks (< 0: sharing wins)")
     ax.grid(alpha=0.3)

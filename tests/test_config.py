@@ -92,10 +92,14 @@ def test_shipped_scenes_configs_match_the_demo(arch):
 def test_every_shipped_config_is_valid():
     files = sorted((ROOT / "configs").rglob("*.yaml"))
     assert files
+    from mtlcv.config import from_dict, read_yaml
+    from mtlcv.engine.grid import grid_section
     from mtlcv.registry import ARCHS, BACKBONES, BALANCERS, DATASETS, HEADS, TASKS
 
     for f in files:
-        cfg = load(f)
+        data = read_yaml(f)  # a comparison grid's config holds its grid in a `grid:` section
+        grid_section(data.pop("grid", None), f)
+        cfg = from_dict(data)
         assert all(t in TASKS for t in cfg.tasks), f
         assert cfg.data.name in DATASETS and cfg.model.arch in ARCHS, f
         assert cfg.model.backbone["name"] in BACKBONES and cfg.model.head["name"] in HEADS, f
