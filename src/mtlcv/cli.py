@@ -1,13 +1,16 @@
-"""The ``mtlcv`` command line: train, eval, data, list, demo.
+"""The ``mtlcv`` command line: train, eval, compare, data, bench, list, config, demo.
 
 Every user mistake (a bad config key, a missing file, a corrupt cache) is an
 :class:`~mtlcv.errors.MtlcvError`: the CLI prints its one line and exits with code 2, never a
 traceback. Ctrl-C exits with 130 and leaves the last complete epoch's checkpoint in place.
+With ``--json`` (eval, compare, list, config keys/options, bench) stdout holds the JSON alone;
+logs and progress go to stderr.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import sys
 import time
@@ -15,6 +18,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from . import __version__
+from .cli_config import add_config_parser
 from .errors import ConfigError, MtlcvError
 
 
@@ -94,29 +98,32 @@ def cmd_eval(args: argparse.Namespace) -> int:
     if not (run / "config.yaml").is_file():
         raise ConfigError(f"--run {str(run)!r} is not a run directory (no config.yaml)")
     cfg = load(run / "config.yaml", args.set)
-    exp = build(cfg, splits=(args.split,))
+    # evaluation never augments, whatever the split: two calls give the same numbers
+    exp = build(cfg, splits=(args.split,), augment=False)
     ckpt = load_checkpoint(run / f"{args.checkpoint}.pt", map_location=exp.device)
     exp.model.load_state_dict(ckpt["model"])
     loader = make_loader(cfg, exp.datasets[args.split], train=False)
-    metrics = evaluate(exp.model, exp.tasks, loader, exp.device)
+    metrics = evaluate(exp.model, exp.tasks, loader, exp.device, progress=f"{args.split} split")
+    higher = {n: dict(t.higher_is_better) for n, t in exp.tasks.items()}
     result = {
         "name": cfg.name,
         "split": args.split,
         "checkpoint": args.checkpoint,
         "epoch": ckpt.get("epoch"),
-        "test": metrics,
+        args.split: metrics,
+        "higher_is_better": higher,
     }
-    higher = {n: t.higher_is_better for n, t in exp.tasks.items()}
     if cfg.baselines:
-        base = load_baselines(cfg.baselines)[args.split]
-        result["delta_m"] = delta_m(on_baseline_metrics(metrics, base), base, higher)
+        base = load_baselines(cfg.baselines).get(args.split)
+        if base is not None:  # baselines have val and test metrics, not train
+            result["delta_m"] = delta_m(on_baseline_metrics(metrics, base), base, higher)
     if args.json:
-        print(json.dumps(result, indent=2))
+        _emit_json(args, result)
         return 0
     con = _console()
     con.print(
         comparison_table(
-            {f"{cfg.name} ({args.checkpoint}, epoch {result['epoch']})": result},
+            {f"{cfg.name} ({args.checkpoint}, epoch {result['epoch']})": {"test": metrics}},
             higher,
             title=f"{args.split} metrics of {run}",
         )
@@ -128,10 +135,10 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
 def cmd_compare(args: argparse.Namespace) -> int:
     from .analysis.tables import metric_directions
-    from .config import apply_overrides, read_yaml
+    from .config import load_dict
     from .engine.grid import grid_table, markdown_table, parse_vary, run_grid, summarise
 
-    base = apply_overrides(read_yaml(args.config), args.set)
+    base = load_dict(args.config, args.set)
     seeds = _int_list(args.seeds, "--seeds")
     vary = parse_vary(args.vary)
     vs, base_v = run_grid(base, vary, seeds, args.out, baseline=args.baseline)
@@ -141,7 +148,7 @@ def cmd_compare(args: argparse.Namespace) -> int:
     (out / "summary.json").write_text(json.dumps(rows, indent=2))
     (out / "summary.md").write_text(markdown_table(rows, higher) + "\n")
     if args.json:
-        print(json.dumps(rows, indent=2))
+        _emit_json(args, rows)
         return 0
     title = f"test split, mean over seeds {', '.join(map(str, seeds))}"
     if base_v is not None:
@@ -178,22 +185,48 @@ def cmd_data_check(args: argparse.Namespace) -> int:
 def cmd_bench(args: argparse.Namespace) -> int:
     from .bench.balancing import main as bench_balancing
 
-    return bench_balancing(args.options)
+    if "--json" not in args.options:
+        return bench_balancing(args.options)
+    out = sys.stdout  # the JSON alone on stdout; anything else printed goes to stderr
+    with contextlib.redirect_stdout(sys.stderr):
+        return bench_balancing(args.options, out=out)
 
 
 def cmd_list(args: argparse.Namespace) -> int:
-    from .registry import ALL
+    import torch
 
-    for kind, reg in ALL.items():
-        if args.kind and kind != args.kind:
-            continue
-        for entry in reg.items():
-            line = f"{kind:<13} {entry.name:<16} {entry.help}"
-            if kind == "architecture" and not args.no_size:
-                from .models.complexity import describe_arch
+    from .models.complexity import arch_size, format_size
+    from .registry import ALL, BACKBONES
 
-                line += f" [{describe_arch(entry.name, args.size, backbone=args.backbone)}]"
-            print(line)
+    # architectures are built to count parameters and FLOPs only when asked for (listed alone,
+    # or --size/--backbone given): building all of them is what makes a plain `list` slow
+    sizes = not args.no_size and (
+        args.kind == "architecture" or args.size is not None or args.backbone is not None
+    )
+    size, backbone = args.size or (96, 128), args.backbone or "tiny"
+    if sizes:
+        BACKBONES.entry(backbone, where="--backbone")  # a bad name: one line, exit 2
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # tiny forward passes: one thread is fastest on a busy machine
+    rows = []
+    try:
+        for kind, reg in ALL.items():
+            if args.kind and kind != args.kind:
+                continue
+            for entry in reg.items():
+                row = {"kind": kind, "name": entry.name, "help": entry.help}
+                if kind == "architecture" and sizes:
+                    row["size"] = arch_size(entry.name, size, backbone=backbone)
+                rows.append(row)
+                if not args.json:
+                    line = f"{kind:<13} {entry.name:<16} {entry.help}"
+                    if "size" in row:
+                        line += f" [{format_size(row['size'])}]"
+                    print(line, flush=True)  # line by line: the first ones show at once
+    finally:
+        torch.set_num_threads(threads)
+    if args.json:
+        _emit_json(args, rows)
     return 0
 
 
@@ -241,7 +274,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--version", action="version", version=f"mtlcv {__version__}")
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    t = sub.add_parser("train", help="train an experiment from a YAML config")
+    t = sub.add_parser(
+        "train",
+        help="train an experiment from a YAML config",
+        epilog="Every config key with its default and meaning: mtlcv config keys. A config "
+        "resolved with its overrides: mtlcv config show --config FILE --set KEY=VALUE. "
+        "Component options: mtlcv config options [KIND [NAME]].",
+    )
     t.add_argument("--config", help="experiment YAML (optional with --resume)")
     _add_set(t, "override a config key, e.g. --set optim.lr=1e-4 (repeatable)")
     t.add_argument("--out", help="run directory (default runs/NAME-TIMESTAMP)")
@@ -284,11 +323,15 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--seed", type=int, default=0)
     s.add_argument("--out", required=True, help="cache folder to write")
     s.set_defaults(func=cmd_data_scenes)
-    c = dsub.add_parser("check", help="validate a NYUv2 folder or file; names every bad file")
-    c.add_argument("path", help="dataset folder (.npy layout), .mat file or fixture folder/npz")
+    c = dsub.add_parser(
+        "check", help="validate a NYUv2 folder or file or a scenes cache; names every bad file"
+    )
+    c.add_argument(
+        "path", help="dataset folder (.npy layout), .mat file, fixture folder/npz or scenes cache"
+    )
     c.add_argument(
         "--kind",
-        choices=("nyuv2", "nyuv2-mat", "nyuv2-fixture"),
+        choices=("nyuv2", "nyuv2-mat", "nyuv2-fixture", "scenes"),
         help="layout (default: detected from PATH)",
     )
     c.set_defaults(func=cmd_data_check)
@@ -315,18 +358,24 @@ def build_parser() -> argparse.ArgumentParser:
     ls.add_argument(
         "--size",
         type=_size,
-        default=(96, 128),
-        help="resolution for the architectures' FLOPs (default 96x128)",
+        default=None,
+        help="resolution for the architectures' FLOPs (default 96x128); parameters and FLOPs "
+        "are counted for `list architecture` or when --size or --backbone is given",
     )
     ls.add_argument(
-        "--backbone", default="tiny", help="backbone for the architectures' counts (default tiny)"
+        "--backbone",
+        default=None,
+        help="backbone for the architectures' counts (default tiny)",
     )
     ls.add_argument(
         "--no-size",
         action="store_true",
         help="skip building architectures to count parameters and FLOPs",
     )
+    ls.add_argument("--json", action="store_true", help="print JSON instead of text")
     ls.set_defaults(func=cmd_list)
+
+    add_config_parser(sub)
 
     m = sub.add_parser("demo", help="STL vs hard sharing on the embedded scenes data (CPU)")
     m.add_argument("--out", default="runs/demo", help="where the two runs go (default runs/demo)")
@@ -336,10 +385,24 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def _emit_json(args: argparse.Namespace, obj: object) -> None:
+    """Print ``obj`` as JSON on the real stdout (with ``--json`` all else goes to stderr)."""
+    print(json.dumps(obj, indent=2), file=getattr(args, "json_out", sys.stdout), flush=True)
+
+
+def _run(args: argparse.Namespace) -> int:
+    if not getattr(args, "json", False):
+        return args.func(args)
+    # with --json, stdout holds the JSON alone: logs, progress bars and notes go to stderr
+    args.json_out = sys.stdout
+    with contextlib.redirect_stdout(sys.stderr):
+        return args.func(args)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
-        return args.func(args)
+        return _run(args)
     except MtlcvError as exc:
         print(f"mtlcv: error: {exc}", file=sys.stderr)
         return exc.exit_code

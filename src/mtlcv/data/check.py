@@ -1,4 +1,4 @@
-"""``mtlcv data check PATH``: validate a NYUv2 dataset folder or file before training on it.
+"""``mtlcv data check PATH``: validate a dataset folder or file before training on it.
 
 The layout is detected from ``PATH`` (or given as ``kind``, a dataset name):
 
@@ -6,7 +6,9 @@ The layout is detected from ``PATH`` (or given as ``kind``, a dataset name):
   holding ``{i}.npy`` (mtan's release);
 * ``nyuv2-mat`` — ``nyu_depth_v2_labeled.mat`` (or a folder holding it), plus ``splits.mat``
   next to it when present;
-* ``nyuv2-fixture`` — the fixture folder or its ``nyuv2_mini_real.npz``.
+* ``nyuv2-fixture`` — the fixture folder or its ``nyuv2_mini_real.npz``;
+* ``scenes`` — a scenes cache (``meta.json`` + ``train/val/test.npz``, written by
+  ``mtlcv data scenes`` or on first use).
 
 Every file is read: layout, counts (the same indices in every modality), shapes, dtypes and
 value ranges (depth finite and ≥ 0, normals of length 1 or 0, labels in [0, 13) or ignore).
@@ -26,11 +28,12 @@ from .nyuv2.fixture import FILE, TEST_LABELS, load_fixture
 from .nyuv2.folder import FOLDERS, LAYOUT, list_indices
 from .nyuv2.mat import NUM_RAW_CLASSES, check_labeled_file, load_splits
 
-KINDS = ("nyuv2", "nyuv2-mat", "nyuv2-fixture")
+KINDS = ("nyuv2", "nyuv2-mat", "nyuv2-fixture", "scenes")
 #: share of valid normal pixels allowed a length that is neither 0 nor 1 (± 0.1): resized
 #: releases blend a few pixels at the border of missing regions
 NORMAL_TOLERANCE = 0.01
 CHUNK = 16  # frames read at once from the .mat file
+SCENES_SPLITS = ("train", "val", "test")
 CHECKS = {"image": as_image, "semseg": as_labels, "depth": as_depth, "normals": as_normals}
 
 
@@ -44,6 +47,8 @@ def detect(path: Path) -> str | None:
         return "nyuv2-fixture"
     if (path / "nyu_depth_v2_labeled.mat").is_file():
         return "nyuv2-mat"
+    if (path / "meta.json").is_file() or any((path / f"{s}.npz").is_file() for s in SCENES_SPLITS):
+        return "scenes"
     return None
 
 
@@ -137,6 +142,50 @@ def _mat(path: Path) -> tuple[list[str], str]:
     return problems, f"nyuv2-mat layout, {n} frames at {h}×{w}; {note}"
 
 
+def _scenes(root: Path) -> tuple[list[str], str]:
+    """A scenes cache: meta.json, every split's arrays (shapes) and their values."""
+    from .scenes import ROOM_TYPES, _load_split, _read_meta
+
+    if root.is_file():
+        root = root.parent
+    try:
+        meta = _read_meta(root)
+    except DataError as e:
+        return [str(e)], "scenes cache"
+    problems, counts = [], []
+    classes = len(meta.get("classes", ())) or 13
+    for split in SCENES_SPLITS:
+        try:
+            a = _load_split(root, split, meta)
+        except (DataError, KeyError) as e:
+            problems.append(str(e) if isinstance(e, DataError) else f"{root}: meta.json has no "
+                            f"split {split!r}")
+            continue
+        counts.append(f"{split} {len(a['classification'])}")
+        where = root / f"{split}.npz"
+        seg = a["semseg"]
+        bad = seg[(seg != 255) & (seg >= classes)]
+        if bad.size:
+            problems.append(f"{where}: semseg label {int(bad[0])} is outside [0, {classes})")
+        depth = a["depth"]
+        if not np.isfinite(depth).all() or (depth <= 0).any():
+            problems.append(f"{where}: depth has non-finite or non-positive values")
+        for k in range(len(a["normals"])):
+            line = normal_lengths(a["normals"][k].transpose(1, 2, 0), f"{where} image {k}")
+            if line:
+                problems.append(line)
+                break
+        if not np.isin(a["edges"], (0, 1)).all():
+            problems.append(f"{where}: edges hold values other than 0 and 1")
+        rooms = a["classification"]
+        if rooms.size and (rooms.min() < 0 or rooms.max() >= len(ROOM_TYPES)):
+            problems.append(f"{where}: room type outside [0, {len(ROOM_TYPES)})")
+    h, w = meta["size"]
+    summary = (f"scenes cache, {meta['n']} images at {h}×{w}, seed {meta['seed']}; "
+               f"{', '.join(counts) or 'no split readable'}")
+    return problems, summary
+
+
 def _labels_range(a: np.ndarray, k: int, where: str) -> str | None:
     bad = a[(a != 255) & (a >= k)]
     return f"{where}: label id {int(bad[0])} is outside [0, {k}) and not 255" if bad.size else None
@@ -195,16 +244,18 @@ def _check(path: str | Path, kind: str | None) -> tuple[list[str], str]:
     if kind is None:
         return [
             f"{path}: cannot tell the layout; expected a folder with train/ and val/ ({LAYOUT}), "
-            f"nyu_depth_v2_labeled.mat, or the fixture's {FILE}"
+            f"nyu_depth_v2_labeled.mat, the fixture's {FILE}, or a scenes cache (meta.json and "
+            "train/val/test.npz, from mtlcv data scenes)"
         ], "nothing checked"
-    return {"nyuv2": _folder, "nyuv2-mat": _mat, "nyuv2-fixture": _fixture}[kind](path)
+    checks = {"nyuv2": _folder, "nyuv2-mat": _mat, "nyuv2-fixture": _fixture, "scenes": _scenes}
+    return checks[kind](path)
 
 
 def check_dataset(path: str | Path, kind: str | None = None) -> list[str]:
     """Every problem found in the dataset at ``path`` (one line each; empty when it is fine).
 
-    ``kind`` is a dataset name (``nyuv2``, ``nyuv2-mat``, ``nyuv2-fixture``); by default the
-    layout is detected from ``path``.
+    ``kind`` is a dataset name (``nyuv2``, ``nyuv2-mat``, ``nyuv2-fixture``, ``scenes``); by
+    default the layout is detected from ``path``.
     """
     return _check(path, kind)[0]
 
