@@ -214,3 +214,16 @@ def test_the_documented_nyuv2_command_trains_from_a_scenes_config(tmp_path, caps
     assert main(args) == 0, capsys.readouterr().err
     saved = load(tmp_path / "run" / "config.yaml")
     assert saved.data.name == "nyuv2" and saved.data.options == {}
+
+
+def test_the_documented_fixture_check_passes(capsys):
+    from conftest import FIXTURE
+
+    lines = re.findall(r"^mtlcv data check (\S+)$", (ROOT / "docs/datasets.md").read_text(), re.M)
+    assert "../shared/data/nyuv2-fixture" in lines
+    if not FIXTURE.is_dir():
+        pytest.skip(f"real NYUv2 fixture not found at {FIXTURE}")
+    # the docs' path is relative to the repository
+    assert (ROOT / "../shared/data/nyuv2-fixture").resolve() == FIXTURE.resolve()
+    assert main(["data", "check", str(FIXTURE)]) == 0
+    assert "OK (nyuv2-fixture, 28 frames" in capsys.readouterr().out

@@ -152,14 +152,14 @@ def test_list_json_names_every_component(capsys):
     assert {(r["kind"], r["name"]) for r in rows} == {
         (k, n) for k, reg in ALL.items() for n in reg.names()
     }
-    assert not any("size" in r for r in rows)  # a plain list builds no architecture
+    assert not any("complexity" in r for r in rows)  # a plain list builds no architecture
 
 
 def test_list_architecture_json_counts_parameters_and_flops(capsys):
     from mtlcv.models.complexity import count_flops, count_parameters
 
     assert main(["list", "architecture", "--size", "32x48", "--json"]) == 0
-    rows = {r["name"]: r["size"] for r in json.loads(capsys.readouterr().out)}
+    rows = {r["name"]: r["complexity"] for r in json.loads(capsys.readouterr().out)}
     assert set(rows) == set(mtlcv.available("architecture"))
     tasks = mtlcv.create_tasks(["semseg", "depth", "normals"])
     hps = mtlcv.create_model("hps", tasks, backbone="tiny")

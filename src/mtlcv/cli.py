@@ -207,7 +207,9 @@ def cmd_list(args: argparse.Namespace) -> int:
     if sizes:
         BACKBONES.entry(backbone, where="--backbone")  # a bad name: one line, exit 2
     threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # tiny forward passes: one thread is fastest on a busy machine
+    # one forward pass of one image each: threads gain little, and on a shared machine an OpenMP
+    # team waiting for a busy core made `list` twice as slow
+    torch.set_num_threads(1)
     rows = []
     try:
         for kind, reg in ALL.items():
@@ -216,12 +218,12 @@ def cmd_list(args: argparse.Namespace) -> int:
             for entry in reg.items():
                 row = {"kind": kind, "name": entry.name, "help": entry.help}
                 if kind == "architecture" and sizes:
-                    row["size"] = arch_size(entry.name, size, backbone=backbone)
+                    row["complexity"] = arch_size(entry.name, size, backbone=backbone)
                 rows.append(row)
                 if not args.json:
                     line = f"{kind:<13} {entry.name:<16} {entry.help}"
-                    if "size" in row:
-                        line += f" [{format_size(row['size'])}]"
+                    if "complexity" in row:
+                        line += f" [{format_size(row['complexity'])}]"
                     print(line, flush=True)  # line by line: the first ones show at once
     finally:
         torch.set_num_threads(threads)

@@ -225,7 +225,8 @@ def check_component_options(cfg: ExperimentConfig) -> None:
         name = _get(data, comp.name_key)
         valid = {o.name for o in component_options(kind, name)}
         given = dict(_get(data, comp.options_key) or {})
-        given.pop("name", None) if kind in ("backbone", "head") else None
+        if comp.options_key == f"{comp.name_key.rsplit('.', 1)[0]}":  # {name, **options}
+            given.pop("name", None)
         for key in given:
             if key not in valid:
                 raise ConfigError(
