@@ -14,7 +14,10 @@ Names are imported on first use, so ``import mtlcv`` does not import PyTorch.
 from __future__ import annotations
 
 import importlib
-from typing import TYPE_CHECKING, Any
+
+# not `from typing import TYPE_CHECKING`: importing typing would double `import mtlcv`'s time;
+# type checkers treat any name TYPE_CHECKING as true
+TYPE_CHECKING = False
 
 __version__ = "0.1.0"
 
@@ -83,7 +86,7 @@ __all__ = [
 ]
 
 
-def __getattr__(name: str) -> Any:
+def __getattr__(name: str) -> object:
     module = _EXPORTS.get(name)
     if module is None:
         raise AttributeError(f"module 'mtlcv' has no attribute {name!r}")

@@ -10,7 +10,6 @@ logs and progress go to stderr.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import sys
 import time
@@ -187,6 +186,8 @@ def cmd_bench(args: argparse.Namespace) -> int:
 
     if "--json" not in args.options:
         return bench_balancing(args.options)
+    import contextlib
+
     out = sys.stdout  # the JSON alone on stdout; anything else printed goes to stderr
     with contextlib.redirect_stdout(sys.stderr):
         return bench_balancing(args.options, out=out)
@@ -395,6 +396,8 @@ def _emit_json(args: argparse.Namespace, obj: object) -> None:
 def _run(args: argparse.Namespace) -> int:
     if not getattr(args, "json", False):
         return args.func(args)
+    import contextlib
+
     # with --json, stdout holds the JSON alone: logs, progress bars and notes go to stderr
     args.json_out = sys.stdout
     with contextlib.redirect_stdout(sys.stderr):

@@ -16,15 +16,13 @@ the factories' docstrings), so they cannot drift from the code.
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import sys
-from typing import Any
 
 KINDS = ("dataset", "backbone", "head", "architecture", "balancer")
 
 
-def _emit_json(args: argparse.Namespace, obj: Any) -> None:
+def _emit_json(args: argparse.Namespace, obj: object) -> None:
     print(json.dumps(obj, indent=2, default=str), file=getattr(args, "json_out", sys.stdout))
 
 
@@ -57,11 +55,13 @@ def cmd_config_keys(args: argparse.Namespace) -> int:
 
 
 def cmd_config_options(args: argparse.Namespace) -> int:
+    import dataclasses
+
     from .config_docs import COMPONENTS, component_options, yaml_value
     from .registry import ALL
 
     kinds = [args.kind] if args.kind else list(KINDS)
-    out: list[dict[str, Any]] = []
+    out: list[dict[str, object]] = []
     for kind in kinds:
         names = [args.name] if args.name else ALL[kind].names()
         for name in names:
@@ -83,7 +83,7 @@ def cmd_config_options(args: argparse.Namespace) -> int:
     return 0
 
 
-def add_config_parser(sub: Any) -> None:
+def add_config_parser(sub: argparse._SubParsersAction) -> None:
     """Add ``mtlcv config ...`` to the CLI's subparsers ``sub``."""
     c = sub.add_parser("config", help="show a resolved config, every key, component options")
     csub = c.add_subparsers(dest="config_command", required=True, metavar="ACTION")
