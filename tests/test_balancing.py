@@ -176,23 +176,41 @@ def test_cagrad_solves_its_dual_and_builds_the_official_update(T, n):
 # ---------------------------------------------------------------- Nash-MTL
 @pytest.mark.parametrize("T", [2, 3, 5])
 def test_nashmtl_alpha_solves_the_bargaining_condition(T):
-    for normalize in (False, True):
-        b = balancing.create("nashmtl", num_tasks=T, normalize=normalize)
-        for G in rand_matrices(T, 10, P=T + 4, seed=20 + T):
-            d = b.aggregate(G)
-            a = b.last_weights.numpy()
-            M = (G @ G.T).numpy()
-            if normalize:
-                M = M / np.linalg.norm(M)
-            assert (a > 0).all()
-            np.testing.assert_allclose(M @ a, 1 / a, rtol=1e-6)
-            np.testing.assert_allclose(d.numpy(), a @ G.numpy(), rtol=1e-12)
+    b = balancing.create("nashmtl", num_tasks=T)
+    for G in rand_matrices(T, 10, P=T + 4, seed=20 + T):
+        d = b.aggregate(G)
+        a = b.last_weights.numpy()
+        M = (G @ G.T).numpy()
+        assert (a > 0).all()
+        np.testing.assert_allclose(M @ a, 1 / a, rtol=1e-6)
+        np.testing.assert_allclose(d.numpy(), a @ G.numpy(), rtol=1e-12)
     # the exact solution's update has squared norm T and utilities 1/alpha > 0 for every task
-    b = balancing.create("nashmtl", num_tasks=T, normalize=False)
     G = rand_matrices(T, 1, P=T + 4, seed=1)[0] * 100
     d = b.aggregate(G)
     assert float(d @ d) == pytest.approx(T, rel=1e-6)
     assert (G @ d > 0).all()
+
+
+def test_nashmtl_default_is_the_official_exact_solution_on_conflicting_gradients():
+    """The official code's alpha solves alpha_i (G G^T alpha)_i = 1 on the UNnormalised Gramian
+    (its constraint -log(alpha_i n) - log((G G^T / n alpha)_i) <= 0), so before clipping the
+    shared update has squared norm alpha^T G G^T alpha = T, whatever the gradients' scale. The
+    old default (alpha of the Frobenius-normalised Gramian used as is) gave sqrt(n) times that
+    and, on such conflicting pairs, sometimes a different direction (no convergence)."""
+    g = torch.Generator().manual_seed(8)
+    b = balancing.create("nashmtl", num_tasks=2)  # defaults, warm-started from call to call
+    for k in range(40):
+        G = torch.randn(2, 50, generator=g, dtype=torch.float64)
+        G[1] = -0.6 * G[0] + 0.5 * torch.randn(50, generator=g, dtype=torch.float64)
+        G = G * 10.0 ** (k % 5 - 2)  # gradients of very different scales
+        d = b.aggregate(G)
+        a = b.last_weights.numpy()
+        M = (G @ G.T).numpy()
+        np.testing.assert_allclose(a * (M @ a), 1.0, rtol=1e-6)
+        assert float(d @ d) == pytest.approx(2.0, rel=1e-6)
+        assert (G @ d > 0).all()  # every task improves
+    with pytest.raises(ConfigError, match="normalize"):  # the non-official variant is gone
+        balancing.create("nashmtl", num_tasks=2, normalize=True)
 
 
 def test_nash_solver_warm_start_and_update_every():
@@ -424,14 +442,28 @@ def test_rlw_weights_sum_to_one_and_change(dist):
 
 def test_famo_shifts_weight_to_the_slowest_task_with_adam():
     b = balancing.create("famo", num_tasks=3)
+    # published NYUv2 settings: gamma 0.001 (run.sh), logit lr 0.025, no clip (the official
+    # clip runs before backward), logits updated from the SAME batch's losses after the step
+    assert (b.gamma, b.lr, b.max_norm) == (0.001, 0.025, 0.0)
+    assert b.needs == {"losses_after_step"}
     w0 = b.weights(torch.tensor([1.0, 1.0, 1.0]))
     np.testing.assert_allclose(w0.numpy(), [1 / 3] * 3, rtol=1e-6)
-    b.weights(torch.tensor([0.5, 0.9, 0.6]))  # task 1 decreased slowest
+    # weights() alone never moves the logits: the update waits for the losses after the step
+    b.weights(torch.tensor([1.0, 1.0, 1.0]))
+    np.testing.assert_array_equal(b.logits.numpy(), [0.0, 0.0, 0.0])
+    calls = []
+
+    def after():
+        calls.append(1)
+        return torch.tensor([0.5, 0.9, 0.6])  # task 1 decreased slowest
+
+    b.after_step({"losses_after_step": after})
+    assert calls == [1]
     z = b.z()
     assert int(z.argmax()) == 1 and int(z.argmin()) == 0
-    # the logit step is torch's Adam(lr=0.025, weight_decay=0.01) on J_softmax^T delta
+    # the logit step is torch's Adam(lr=0.025, weight_decay=0.001) on J_softmax^T delta
     xi = torch.zeros(3, dtype=torch.float64, requires_grad=True)
-    opt = torch.optim.Adam([xi], lr=0.025, weight_decay=0.01)
+    opt = torch.optim.Adam([xi], lr=0.025, weight_decay=0.001)
     delta = torch.log(torch.tensor([1.0, 1.0, 1.0], dtype=torch.float64) + 1e-8) - torch.log(
         torch.tensor([0.5, 0.9, 0.6], dtype=torch.float64) + 1e-8)
     (xi.grad,) = torch.autograd.grad(torch.softmax(xi, 0), xi, delta)
@@ -443,6 +475,16 @@ def test_famo_shifts_weight_to_the_slowest_task_with_adam():
     z = b.z()
     np.testing.assert_allclose(w.numpy(), (z / L.double() / (z / L.double()).sum()).numpy(),
                                rtol=1e-6)
+
+
+def test_famo_next_batch_variant_updates_from_the_next_steps_losses():
+    b = balancing.create("famo", num_tasks=3, losses_after="next_batch")
+    assert b.needs == frozenset()
+    b.weights(torch.tensor([1.0, 1.0, 1.0]))
+    b.weights(torch.tensor([0.5, 0.9, 0.6]))  # plays the losses after the first step
+    assert int(b.z().argmax()) == 1
+    with pytest.raises(ConfigError, match="losses_after"):
+        balancing.create("famo", num_tasks=3, losses_after="held_out")
 
 
 def test_weights_of_gradient_methods_reproduce_update():

@@ -89,6 +89,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     from .engine.checkpoint import load_checkpoint
     from .engine.evaluate import evaluate
     from .engine.experiment import build, load_baselines, make_loader
+    from .engine.protocol import check_baseline_protocol
 
     run = Path(args.run)
     if not (run / "config.yaml").is_file():
@@ -98,9 +99,10 @@ def cmd_eval(args: argparse.Namespace) -> int:
     ckpt = load_checkpoint(run / f"{args.checkpoint}.pt", map_location=exp.device)
     exp.model.load_state_dict(ckpt["model"])
     loader = make_loader(cfg, exp.datasets[args.split], train=False)
-    metrics = evaluate(exp.model, exp.tasks, loader, exp.device)
+    metrics = evaluate(exp.model, exp.tasks, loader, exp.device, cfg.eval.protocol)
     result = {
         "name": cfg.name,
+        "protocol": cfg.eval.protocol,
         "split": args.split,
         "checkpoint": args.checkpoint,
         "epoch": ckpt.get("epoch"),
@@ -109,6 +111,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     higher = {n: t.higher_is_better for n, t in exp.tasks.items()}
     if cfg.baselines:
         base = load_baselines(cfg.baselines)[args.split]
+        check_baseline_protocol(cfg)  # Δm only within one evaluation protocol
         result["delta_m"] = delta_m(on_baseline_metrics(metrics, base), base, higher)
     if args.json:
         print(json.dumps(result, indent=2))

@@ -16,9 +16,10 @@ property returning one) of callables over modules registered under those names, 
 ``state_dict()`` has no duplicated keys. Wrappers should call ``forward_stage`` and read
 ``num_stages``, never index ``stages`` for its parameters.
 
-Images enter a backbone in [0, 1]; every built-in backbone standardises them itself with
-:class:`ImageNormalize` as the first step of stage 0, so datasets never need to know which
-statistics a backbone was pretrained with.
+Images enter a backbone in [0, 1]; the built-in backbones standardise them themselves with
+:class:`ImageNormalize` as the first step of stage 0 (ImageNet statistics), so datasets never
+need to know which statistics a backbone was pretrained with. SegNet, which the MTAN protocol
+trains from scratch on [0, 1] images (lorenmt/mtan), does not unless ``standardize: true``.
 """
 
 from __future__ import annotations
