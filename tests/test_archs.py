@@ -128,8 +128,11 @@ def test_resnet_and_segnet_backbones(arch, backbone):
 
 
 def test_cross_stitch_initialisation_and_mixing():
+    # the reference initialisation (Misra et al.; the survey code): 0.9 / 0.1 as given, for any T
     unit = CrossStitchUnit(3, 4, "scalar", 0.9, 0.1)
     want = np.full((3, 3), 0.1) + np.eye(3) * 0.8
+    np.testing.assert_allclose(unit.alpha.detach().numpy(), want, rtol=1e-6)
+    unit = CrossStitchUnit(3, 4, "scalar", 0.9, 0.1, normalize_init=True)
     np.testing.assert_allclose(unit.alpha.detach().numpy(), want / want.sum(1, keepdims=True))
     two = CrossStitchUnit(2, 4, "channel", 0.9, 0.1)
     np.testing.assert_allclose(two.alpha.detach()[:, :, 2].numpy(), [[0.9, 0.1], [0.1, 0.9]])
@@ -140,6 +143,31 @@ def test_cross_stitch_initialisation_and_mixing():
     want = np.einsum("ijc,jbchw->ibchw", a, x)
     for i, got in enumerate(two(xs)):
         np.testing.assert_allclose(got.detach().numpy(), want[i], rtol=1e-5, atol=1e-6)
+
+
+def test_cross_stitch_units_train_at_their_own_learning_rate():
+    """Misra et al. scale the units' learning rate by 10^2-10^3, the survey code by 100: the
+    units form their own optimizer group at lr_scale x optim.lr (StepLR keeps the ratio)."""
+    from mtlcv.balancing import create
+    from mtlcv.config import from_dict
+    from mtlcv.engine.experiment import build_optimizer, build_scheduler, optimizer_groups
+
+    model, _ = build("cross_stitch", ("semseg", "depth"))
+    cfg = from_dict({"optim": {"name": "sgd", "lr": 0.01, "weight_decay": 1e-4},
+                     "schedule": {"name": "step", "step_size": 1, "gamma": 0.5}})
+    opt = build_optimizer(cfg, optimizer_groups(model, create("fixed", num_tasks=2)))
+    units = {id(p) for p in model.stitch.parameters()}
+    assert [g["lr"] for g in opt.param_groups] == [0.01, 1.0]
+    assert {id(p) for p in opt.param_groups[1]["params"]} == units
+    assert sum(len(g["params"]) for g in opt.param_groups) == len(list(model.parameters()))
+    sched = build_scheduler(cfg, opt)
+    opt.step()
+    sched.step()
+    assert [g["lr"] for g in opt.param_groups] == pytest.approx([0.005, 0.5])
+    model, _ = build("cross_stitch", ("semseg", "depth"), lr_scale=1)
+    assert [g.get("lr_scale", 1) for g in model.parameter_groups()] == [1, 1]
+    with pytest.raises(ConfigError, match="lr_scale"):
+        build("cross_stitch", ("semseg", "depth"), lr_scale=0)
 
 
 @pytest.mark.parametrize("mode", ["scalar", "channel"])

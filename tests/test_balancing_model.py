@@ -18,7 +18,9 @@ GRADIENT_METHODS = [
     "aligned-mtl", "cagrad", "dbmtl", "graddrop", "gradvac", "imtl", "imtl-g", "mgda",
     "mgda-ub", "nashmtl", "pcgrad", "upgrad",
 ]
-WEIGHTING_METHODS = ["dtp", "dwa", "famo", "fixed", "gradnorm", "imtl-l", "rlw", "uncertainty"]
+WEIGHTING_METHODS = [
+    "dtp", "dwa", "famo", "fixed", "gradnorm", "imtl-l", "rlw", "si", "uncertainty",
+]
 
 
 class TinyHPS(nn.Module):
@@ -356,12 +358,17 @@ STATEFUL = {
 
 
 def run_step(b, model, x, targets, seed):
+    from mtlcv.engine.closures import StepContext, after_step
+
     model.zero_grad(set_to_none=True)
     for p in b.parameters():
         p.grad = None
     torch.manual_seed(seed)
     logs = b.backward(losses_of(model, x, targets), model)
-    return logs, torch.cat([p.grad.flatten() for p in model.parameters()])
+    grads = torch.cat([p.grad.flatten() for p in model.parameters()])
+    # as the trainer: the closures the balancer needs (FAMO: the losses "after" the step)
+    after_step(b, StepContext((x, targets), lambda batch: 0.9 * losses_of(model, *batch)))
+    return logs, grads
 
 
 @pytest.mark.parametrize("name", sorted(STATEFUL))

@@ -17,7 +17,8 @@ Two families (GUIDE.md, after torchjd and LibMTL):
 Stateful methods keep their state in ``state_dict()`` (buffers, parameters and
 ``get_extra_state``), which checkpoints save and ``--resume`` restores. Learnable balancer
 parameters (e.g. uncertainty weighting's log-variances) are returned by ``parameters()`` and
-optimised by the trainer together with the model.
+optimised by the trainer's optimizer in their own parameter group: never weight-decayed, and at
+the learning rate ``param_lr`` when the balancer sets one (else the model's).
 
 Needs beyond the losses (the step contract, like ``torch.optim.LBFGS.step(closure)``). A
 balancer that needs more than the losses of the step lists it by name in ``needs``. The trainer
@@ -69,6 +70,8 @@ class Balancer(nn.Module):
     #: what the balancer needs from the trainer beyond the step's losses (see the module doc);
     #: a class default, which an instance may replace according to its options
     needs: frozenset[str] = frozenset()
+    #: learning rate of the balancer's own learnable parameters (None: ``optim.lr``)
+    param_lr: float | None = None
 
     def __init__(self, num_tasks: int) -> None:
         super().__init__()

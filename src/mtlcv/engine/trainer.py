@@ -57,6 +57,7 @@ from .experiment import (
     build_scheduler,
     load_baselines,
     make_loader,
+    optimizer_groups,
 )
 from .protocol import (
     PUBLISHED,
@@ -136,9 +137,9 @@ class Trainer:
         self.balancer = self.exp.balancer
         check_needs(self.balancer)  # a need no provider supplies fails now, not at step 1
         self.device = self.exp.device
-        params = [p for p in self.model.parameters() if p.requires_grad]
-        params += [p for p in self.balancer.parameters() if p.requires_grad]
-        self.optimizer = build_optimizer(cfg, params)
+        # the model's groups (e.g. cross-stitch units at a higher rate), then the balancer's
+        # learnable parameters (no weight decay)
+        self.optimizer = build_optimizer(cfg, optimizer_groups(self.model, self.balancer))
         self.scheduler = build_scheduler(cfg, self.optimizer)
         self.baselines = load_baselines(cfg.baselines) if cfg.baselines else None
         self.higher = {n: dict(t.higher_is_better) for n, t in self.tasks.items()}

@@ -25,6 +25,7 @@ trains from scratch on [0, 1] images (lorenmt/mtan), does not unless ``standardi
 from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
+from typing import Any
 
 import torch
 from torch import nn
@@ -117,6 +118,15 @@ class MultiTaskModel(nn.Module):
         rep = self.encode(image)
         self.representation = rep
         return self.decode(rep, image.shape[-2:])
+
+    def parameter_groups(self) -> list[dict[str, Any]]:
+        """Optimizer parameter groups: ``[{"params": [...], "lr_scale": s}, ...]``.
+
+        ``lr_scale`` (default 1) multiplies ``optim.lr`` for that group; the first group is the
+        one whose learning rate the trainer logs. Default: one group of every trainable
+        parameter. Cross-stitch units, for instance, train at a higher rate (Misra et al. 2016).
+        """
+        return [{"params": [p for p in self.parameters() if p.requires_grad]}]
 
     def extra_loss(self) -> torch.Tensor | None:
         """An architecture's own regulariser (e.g. soft sharing's parameter distance), or None."""
