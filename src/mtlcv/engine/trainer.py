@@ -55,6 +55,7 @@ from .experiment import (
     load_baselines,
     make_loader,
 )
+from .metadata import describe
 
 #: keys of the config that may differ between a run and its resumption
 RESUMABLE_CHANGES = (
@@ -131,6 +132,8 @@ class Trainer:
         self.scheduler = build_scheduler(cfg, self.optimizer)
         self.baselines = load_baselines(cfg.baselines) if cfg.baselines else None
         self.higher = {n: dict(t.higher_is_better) for n, t in self.tasks.items()}
+        # what the model is, stored in every checkpoint so that predict/export need nothing else
+        self.meta = describe(cfg, self.tasks, self.exp.datasets["val"], self.model)
         if self.baselines is not None:  # fail now, not after the first epoch
             for split, base in self.baselines.items():
                 missing = [t for t in self.names if t not in base]
@@ -176,6 +179,7 @@ class Trainer:
             "history": self.history,
             "best": self.best,
             "elapsed": self.elapsed,
+            "meta": self.meta,
         }
 
     def _load_state(self, path: Path) -> None:
@@ -339,7 +343,12 @@ class Trainer:
             if best:
                 self.best = {"epoch": self.epoch, **score}
                 atomic_save(
-                    {"epoch": self.epoch, "model": self.model.state_dict(), "val": val},
+                    {
+                        "epoch": self.epoch,
+                        "model": self.model.state_dict(),
+                        "val": val,
+                        "meta": self.meta,
+                    },
                     self.out / "best.pt",
                 )
             self.elapsed += time.perf_counter() - start
