@@ -437,10 +437,13 @@ def test_export_refuses_a_task_that_is_not_one_tensor(tmp_path):
 
         def forward(self, x):
             out = self.net(x)
-            out["semseg"] = [out["semseg"][i] for i in range(len(x))]  # e.g. boxes per image
+            out["semseg"] = [{"boxes": out["semseg"][i]} for i in range(len(x))]  # per image
             return out
 
     model.model = Boxes(model.model)
+    pred = model.predict(torch.rand(2, 3, 32, 48))  # predict hands structured outputs through
+    assert isinstance(pred["semseg"], list) and pred["semseg"][1]["boxes"].shape == (5, 32, 48)
+    assert pred["classification"].shape == (2,)
     with pytest.raises(ExportError, match="task 'semseg' \\(semseg\\) predicts a list") as e:
         export(model, "torchscript", tmp_path / "m.pt")
     assert one_line(str(e.value)) and not (tmp_path / "m.pt").exists()

@@ -151,10 +151,10 @@ class Predictor:
         if isinstance(images, (list, tuple)):
             tensors = [as_image(im) for im in images]
             outs = self.predict_raw(tensors, fit=fit, batch_size=batch_size)
-            return [self._finish({n: o[None] for n, o in out.items()}, raw, 0) for out, _ in outs]
+            return [self._finish({n: _stack([v]) for n, v in o.items()}, raw, 0) for o, _ in outs]
         batch = as_batch(images)
         outs = [o for o, _ in self.predict_raw(list(batch), fit=fit, batch_size=batch_size)]
-        stacked = {n: torch.stack([o[n] for o in outs]) for n in self.tasks}
+        stacked = {n: _stack([o[n] for o in outs]) for n in self.tasks}
         return self._finish(stacked, raw, None if batch_is_batched(images) else 0)
 
     def predict_raw(
@@ -181,10 +181,13 @@ class Predictor:
             while j < len(prepared) and j - i < batch_size and prepared[j][0].shape == shape:
                 j += 1
             x = torch.stack([p[0] for p in prepared[i:j]]).to(self.device)
-            with torch.inference_mode():
+            # no_grad rather than inference_mode: the outputs are ordinary tensors, which the
+            # caller may modify in place
+            with torch.no_grad():
                 out = self.model(x)
-            for k, (_, place) in enumerate(prepared[i:j]):
-                results.append(({n: self.restore(out[n][k], n, place) for n in self.tasks}, place))
+                for k, (_, place) in enumerate(prepared[i:j]):
+                    restored = {n: self.restore(out[n][k], n, place) for n in self.tasks}
+                    results.append((restored, place))
             i = j
         return results
 
@@ -207,22 +210,29 @@ class Predictor:
         """One image's raw output at the model size -> at the image's size, on the CPU."""
         if not isinstance(out, torch.Tensor):
             return out  # a structured prediction (e.g. boxes): its writer maps it with place
-        out = out.float().cpu()
-        if not self.tasks[task].dense:
-            return out
-        p = place
-        out = out[:, p.top : p.top + p.height, p.left : p.left + p.width]
-        if (p.height, p.width) == p.size:
-            return out
-        return F.interpolate(out[None], size=p.size, mode="bilinear", align_corners=False)[0]
+        out = out.float()
+        if self.tasks[task].dense:  # on the model's device: resizing there is the fast part
+            p = place
+            out = out[:, p.top : p.top + p.height, p.left : p.left + p.width]
+            if (p.height, p.width) != p.size:
+                out = F.interpolate(out[None], p.size, mode="bilinear", align_corners=False)[0]
+        return out.cpu()
 
     def _finish(
         self, outs: dict[str, torch.Tensor], raw: bool, index: int | None
     ) -> dict[str, torch.Tensor]:
         """Batched raw outputs -> post-processed (unless ``raw``); item ``index`` if not None."""
-        if not raw:
-            outs = {n: self.tasks[n].postprocess(o) for n, o in outs.items()}
+        if not raw:  # structured predictions (lists, e.g. boxes per image) are kept as they are
+            outs = {
+                n: self.tasks[n].postprocess(o) if isinstance(o, torch.Tensor) else o
+                for n, o in outs.items()
+            }
         return outs if index is None else {n: o[index] for n, o in outs.items()}
+
+
+def _stack(items: list[Any]) -> Any:
+    """Per-image outputs -> one batch: stacked tensors, else the list itself."""
+    return torch.stack(items) if all(isinstance(t, torch.Tensor) for t in items) else items
 
 
 # ---------------------------------------------------------------------- inputs
