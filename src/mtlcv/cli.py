@@ -267,8 +267,8 @@ def cmd_export(args: argparse.Namespace) -> int:
 
 def _add_source(parser: argparse.ArgumentParser) -> None:
     src = parser.add_mutually_exclusive_group(required=True)
-    src.add_argument("--run", help="run directory (its best.pt)")
-    src.add_argument("--checkpoint", help="checkpoint file (best.pt, last.pt)")
+    src.add_argument("--run", metavar="DIR", help="run directory (its best.pt)")
+    src.add_argument("--checkpoint", metavar="FILE", help="checkpoint file (best.pt, last.pt)")
 
 
 # ---------------------------------------------------------------------- parser
@@ -371,10 +371,18 @@ def build_parser() -> argparse.ArgumentParser:
     pr = sub.add_parser("predict", help="run a trained model on your images; write every task")
     _add_source(pr)
     pr.add_argument(
-        "--input", required=True, nargs="+", help="image files, folders or quoted glob patterns"
+        "--input",
+        required=True,
+        nargs="+",
+        metavar="PATH",
+        help="image files, folders or quoted glob patterns",
     )
-    pr.add_argument("--out", required=True, help="output folder (one subfolder per task)")
-    pr.add_argument("--batch-size", type=_positive, default=8, help="images per batch (8)")
+    pr.add_argument(
+        "--out", required=True, metavar="DIR", help="output folder (one subfolder per task)"
+    )
+    pr.add_argument(
+        "--batch-size", type=_positive, default=8, metavar="N", help="images per batch (8)"
+    )
     pr.add_argument("--device", default="auto", help="auto (default), cpu, cuda or cuda:N")
     pr.add_argument(
         "--fit",
@@ -387,8 +395,10 @@ def build_parser() -> argparse.ArgumentParser:
     ex = sub.add_parser("export", help="export a trained model to TorchScript or ONNX")
     _add_source(ex)
     ex.add_argument("--format", required=True, choices=("torchscript", "onnx"))
-    ex.add_argument("--out", required=True, help="file to write (.pt or .onnx)")
-    ex.add_argument("--size", type=_size, help="HxW of the graph's input (default: as trained)")
+    ex.add_argument("--out", required=True, metavar="FILE", help="file to write (.pt or .onnx)")
+    ex.add_argument(
+        "--size", type=_size, metavar="HxW", help="the graph's input size (default: as trained)"
+    )
     ex.add_argument(
         "--onnx-exporter",
         choices=("auto", "torchscript", "dynamo"),

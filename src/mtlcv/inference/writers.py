@@ -16,7 +16,8 @@ For an image ``photo.jpg`` and a task named ``T``, files go to ``OUT/T/``:
                    ``photo_mm.png``: 16-bit depth in millimetres (0 where the prediction is
                    <= 0; clipped at 65.535 m)
 ``normals``        ``photo.png``: RGB = (n + 1) / 2 of the unit normal in the camera frame (x
-                   right, y down, z forward): a surface facing the camera is blue-ish
+                   right, y down, z forward): a wall facing the camera, n = (0, 0, -1), is
+                   olive (128, 128, 0), a floor, n = (0, -1, 0), purple (128, 0, 128)
 ``edges``          ``photo.png``: edge probability (grey); ``photo_edges.png``: the binary map
                    at the task's threshold
 ``classification`` ``photo.json``: class id, name, probability and the top 5; ``photo_overlay.png``:
