@@ -29,6 +29,9 @@ from mtlcv.inference.predictor import build_from_meta
 from mtlcv.inference.writers import WRITERS, RawWriter, Target, palette, writer_for
 from mtlcv.registry import ARCHS, TASKS
 
+# the tests load TorchScript files themselves; PyTorch 2.13 deprecates torch.jit (still shipped)
+pytestmark = pytest.mark.filterwarnings("ignore:`torch.jit.load` is deprecated:DeprecationWarning")
+
 TASKS5 = ["semseg", "depth", "normals", "edges", "classification"]
 README = Path(__file__).resolve().parents[1] / "README.md"
 FIXTURE = Path(__file__).resolve().parents[2] / "shared" / "data" / "nyuv2-fixture"
