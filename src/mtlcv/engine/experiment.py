@@ -69,14 +69,17 @@ def build_tasks(cfg: ExperimentConfig, dataset: Any) -> dict[str, Task]:
 
     A name is scored by the task kind the dataset declares for it in ``task_kinds`` (two
     classification tasks ``left`` and ``right``), else by the registered task of that name; the
-    task object carries the name (its batch key and prediction key) in ``task.name``.
+    task object carries the name (its batch key and prediction key) in ``task.name``, the
+    registered kind in ``task.kind`` and its factory options in ``task.options``.
     """
     opts = getattr(dataset, "task_options", {}) or {}
     kinds = getattr(dataset, "task_kinds", {}) or {}
     tasks = {}
     for t in cfg.tasks:
-        task = TASKS.create(kinds.get(t, t), where="tasks", **opts.get(t, {}))
-        task.name = t
+        kind, options = kinds.get(t, t), dict(opts.get(t, {}))
+        task = TASKS.create(kind, where="tasks", **options)
+        # name, kind and options are what a checkpoint records to rebuild the task (metadata.py)
+        task.name, task.kind, task.options = t, kind, options
         tasks[t] = task
     return tasks
 

@@ -66,6 +66,7 @@ from .protocol import (
     last_epochs_average,
     tests_this_epoch,
 )
+from .metadata import describe as describe_model
 
 #: keys of the config that may differ between a run and its resumption
 RESUMABLE_CHANGES = (
@@ -145,6 +146,8 @@ class Trainer:
         self.higher = {n: dict(t.higher_is_better) for n, t in self.tasks.items()}
         # Δm only between numbers of one evaluation protocol (one line otherwise)
         self.baseline_protocol = check_baseline_protocol(cfg) if self.baselines else None
+        # what the model is, stored in every checkpoint so that predict/export need nothing else
+        self.meta = describe_model(cfg, self.tasks, self.exp.datasets["val"], self.model)
         if self.baselines is not None:  # fail now, not after the first epoch
             for split, base in self.baselines.items():
                 missing = [t for t in self.names if t not in base]
@@ -190,6 +193,7 @@ class Trainer:
             "history": self.history,
             "best": self.best,
             "elapsed": self.elapsed,
+            "meta": self.meta,
         }
 
     def _load_state(self, path: Path) -> None:
@@ -364,7 +368,12 @@ class Trainer:
             if best:
                 self.best = {"epoch": self.epoch, **score}
                 atomic_save(
-                    {"epoch": self.epoch, "model": self.model.state_dict(), "val": val},
+                    {
+                        "epoch": self.epoch,
+                        "model": self.model.state_dict(),
+                        "val": val,
+                        "meta": self.meta,
+                    },
                     self.out / "best.pt",
                 )
             self.elapsed += time.perf_counter() - start
