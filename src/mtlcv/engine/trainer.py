@@ -59,6 +59,7 @@ from .experiment import (
     make_loader,
     optimizer_groups,
 )
+from .metadata import describe as describe_model
 from .protocol import (
     PUBLISHED,
     check_baseline_protocol,
@@ -66,7 +67,6 @@ from .protocol import (
     last_epochs_average,
     tests_this_epoch,
 )
-from .metadata import describe as describe_model
 
 #: keys of the config that may differ between a run and its resumption
 RESUMABLE_CHANGES = (
