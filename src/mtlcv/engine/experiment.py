@@ -16,6 +16,7 @@ from torch.utils.data import DataLoader
 
 from ..analysis.baselines import get_baseline
 from ..config import ExperimentConfig
+from ..data.base import collate
 from ..errors import ConfigError, MtlcvError
 from ..registry import DATASETS, TASKS
 from ..tasks.base import Task
@@ -132,6 +133,7 @@ def make_loader(cfg: ExperimentConfig, ds: Any, train: bool, seed: int = 0) -> D
         shuffle=train,
         drop_last=train and len(ds) > bs,
         num_workers=cfg.data.num_workers,
+        collate_fn=collate,  # targets that are not fixed-size tensors batch themselves
         generator=gen,
         persistent_workers=False,
     )
