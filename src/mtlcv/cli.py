@@ -70,11 +70,12 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 
 def _print_results(results: dict, out: Path) -> None:
-    from .analysis.tables import comparison_table, metric_directions
+    from .analysis.tables import aux_tasks, comparison_table, metric_directions
 
     higher = metric_directions(results)
     con = _console()
-    con.print(comparison_table({results["name"]: results}, higher, title=f"test metrics ({out})"))
+    con.print(comparison_table({results["name"]: results}, higher, title=f"test metrics ({out})",
+                               aux=aux_tasks(results)))
     if "delta_m" in results:
         con.print(
             f"Δm vs {results['baselines']}: {results['delta_m']['test']:+.2f}% (lower is better)"
@@ -83,7 +84,7 @@ def _print_results(results: dict, out: Path) -> None:
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
-    from .analysis import delta_m, on_baseline_metrics
+    from .analysis import delta_m, main_metrics, on_baseline_metrics
     from .analysis.tables import comparison_table
     from .config import load
     from .engine.checkpoint import load_checkpoint
@@ -109,7 +110,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
     higher = {n: t.higher_is_better for n, t in exp.tasks.items()}
     if cfg.baselines:
         base = load_baselines(cfg.baselines)[args.split]
-        result["delta_m"] = delta_m(on_baseline_metrics(metrics, base), base, higher)
+        main = main_metrics(metrics, cfg.aux_tasks)
+        result["delta_m"] = delta_m(on_baseline_metrics(main, base), base, higher)
     if args.json:
         print(json.dumps(result, indent=2))
         return 0
@@ -119,6 +121,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
             {f"{cfg.name} ({args.checkpoint}, epoch {result['epoch']})": result},
             higher,
             title=f"{args.split} metrics of {run}",
+            aux=cfg.aux_tasks,
         )
     )
     if "delta_m" in result:

@@ -70,7 +70,8 @@ def build_tasks(cfg: ExperimentConfig, dataset: Any) -> dict[str, Task]:
 
     A name is scored by the task kind the dataset declares for it in ``task_kinds`` (two
     classification tasks ``left`` and ``right``), else by the registered task of that name; the
-    task object carries the name (its batch key and prediction key) in ``task.name``.
+    task object carries the name (its batch key and prediction key) in ``task.name``, and
+    ``task.auxiliary`` is True for the names in ``cfg.aux_tasks``.
     """
     opts = getattr(dataset, "task_options", {}) or {}
     kinds = getattr(dataset, "task_kinds", {}) or {}
@@ -78,6 +79,7 @@ def build_tasks(cfg: ExperimentConfig, dataset: Any) -> dict[str, Task]:
     for t in cfg.tasks:
         task = TASKS.create(kinds.get(t, t), where="tasks", **opts.get(t, {}))
         task.name = t
+        task.auxiliary = t in cfg.aux_tasks
         tasks[t] = task
     return tasks
 

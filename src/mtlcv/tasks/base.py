@@ -61,6 +61,8 @@ class Task(ABC):
     target_channels: int | None = 1
     #: True when the target holds integer labels, False when it holds floats
     integer_target: bool = False
+    #: an auxiliary task (config ``aux_tasks``): trained and balanced, never selected on
+    auxiliary: bool = False
 
     @abstractmethod
     def loss(self, pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor: ...
