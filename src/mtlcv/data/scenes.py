@@ -185,10 +185,10 @@ def render(n: int, size: Sequence[int] = (96, 128), seed: int = 0, return_meta: 
     [M,4], ``box_class`` uint8 [M], ``box_object`` int32 [M] and ``box_count`` int64 [N].
     With ``return_meta`` also: ``instance`` int32 [N,H,W] (0..5 the room's faces, then one id
     per primitive), ``objects`` int32 [N,H,W] (the object id of every pixel, 0 = the room; a
-    box's ``box_object``), ``surface`` int32 [N,H,W] (one id per face of a primitive), ``planar`` bool
-    [N,H,W], ``rotation`` float32 [N,3,3] (camera-to-world; the world's y axis points up),
-    ``camera`` and ``room`` float32 [N,3] (camera centre; room width, height, depth) and the
-    intrinsics ``K`` float32 [3,3] (pixel centres at integer + 0.5).
+    box's ``box_object``), ``surface`` int32 [N,H,W] (one id per face of a primitive),
+    ``planar`` bool [N,H,W], ``rotation`` float32 [N,3,3] (camera-to-world; the world's y axis
+    points up), ``camera`` and ``room`` float32 [N,3] (camera centre; room width, height,
+    depth) and the intrinsics ``K`` float32 [3,3] (pixel centres at integer + 0.5).
     """
     h, w = _check(n, size, seed)
     if isinstance(start, bool) or not isinstance(start, (int, np.integer)) or start < 0:
