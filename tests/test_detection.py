@@ -16,7 +16,6 @@ from mtlcv.errors import DataError
 from mtlcv.models import build_model
 from mtlcv.registry import ARCHS, TASKS
 from mtlcv.tasks.detection import (
-    IOU_THRESHOLDS,
     Boxes,
     Detection,
     box_iou,
@@ -133,7 +132,7 @@ def reference_map(dets, gts, num_classes, max_det=100):
             n_gt += len(g)
             for ti, t in enumerate(thresholds):
                 used = [False] * len(g)
-                for k, (s, b) in enumerate(d):
+                for s, b in d:
                     best, m = min(t, 1 - 1e-10), -1
                     for j, gg in enumerate(g):
                         if used[j] or iou(b, gg) < best:
