@@ -400,3 +400,62 @@ def test_every_architecture_hosts_detection(arch):
     metric = tasks["detection"].new_metric()
     metric.update(out["detection"].detach(), target["detection"])
     assert set(metric.compute()) == {"map50", "map"}
+
+
+# ---------------------------------------------------------------- training, the CLI
+
+
+@pytest.mark.slow
+def test_detection_and_depth_with_hard_sharing_learn(scenes_root):
+    from mtlcv.data.scenes import ScenesDataset
+    from mtlcv.engine.evaluate import evaluate
+
+    torch.manual_seed(0)
+    data = torch.utils.data.Subset(ScenesDataset(scenes_root, "train"), range(16))
+    tasks = {"detection": TASKS.create("detection", num_classes=10),
+             "depth": TASKS.create("depth")}
+    model = build_model("hps", tasks, {"name": "tiny", "width": 8}, {"name": "light"})
+    train = torch.utils.data.DataLoader(data, batch_size=8, shuffle=True, collate_fn=collate,
+                                        generator=torch.Generator().manual_seed(0))
+    whole = torch.utils.data.DataLoader(data, batch_size=16, collate_fn=collate)
+    before = evaluate(model, tasks, whole, torch.device("cpu"))
+    opt = torch.optim.Adam(model.parameters(), lr=5e-3)
+    for _ in range(20):
+        for batch in train:
+            out = model(batch["image"])
+            loss = sum(tasks[t].loss(out[t], batch[t]) for t in tasks)
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+    after = evaluate(model, tasks, whole, torch.device("cpu"))
+    assert before["detection"]["map50"] < 2
+    assert after["detection"]["map50"] > 10 + 5 * before["detection"]["map50"]
+    assert after["depth"]["abs_err"] < before["depth"]["abs_err"]
+
+
+def test_train_and_compare_run_detection_from_the_cli(small_cfg, tmp_path, capsys):
+    import json
+
+    import yaml
+
+    from mtlcv.cli import main
+
+    # two steps leave mAP at 0, which Δm cannot divide by: no baseline here (the docs' grid has
+    # one); Δm without auxiliary tasks is tested in test_aux_tasks.py
+    cfg = dict(small_cfg, tasks=["depth", "detection"], aux_tasks=["detection"])
+    cfg["train"] = {"epochs": 1, "max_steps": 2, "progress": False}
+    path = tmp_path / "det.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    out = tmp_path / "grid"
+    rc = main(["compare", "--config", str(path), "--vary", "model.arch=stl,hps", "--out",
+               str(out)])
+    assert rc == 0
+    rows = json.loads((out / "summary.json").read_text())
+    assert [r["label"] for r in rows] == ["stl", "hps"]
+    assert set(rows[1]["test"]["detection"]) == {"map50", "map"}
+    table = (out / "summary.md").read_text()
+    assert "depth abs_err ↓" in table and "detection (aux) map50 ↑" in table
+    assert table.index("depth delta1") < table.index("detection (aux)")  # shown apart, last
+    results = json.loads((out / "hps" / "seed0" / "results.json").read_text())
+    assert results["aux_tasks"] == ["detection"]
+    assert "detection" in capsys.readouterr().out
