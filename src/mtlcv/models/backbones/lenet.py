@@ -69,28 +69,36 @@ class Subsampling(nn.Module):
 class PartialConv(nn.Module):
     """C3: each output map convolves only the input maps its row of ``table`` names.
 
-    Grouped by the size of the subset (3, 4 or 6 maps), each group is one grouped convolution
-    over the gathered input maps, so no weight exists for an absent connection.
+    Only the weights of existing connections are parameters (1,500 + 16 biases for Table I);
+    they are scattered into a dense kernel with zeros elsewhere at every forward, so one dense
+    convolution runs (grouped convolutions over gathered maps are much slower on CPU) and the
+    absent connections have neither a weight nor a gradient.
     """
 
-    def __init__(self, table: tuple[tuple[int, ...], ...], kernel: int = 5) -> None:
+    def __init__(self, table: tuple[tuple[int, ...], ...], cin: int = 6, kernel: int = 5) -> None:
         super().__init__()
-        self.out_order: list[int] = []
-        self.gathers: list[torch.Tensor] = []
-        convs = []
-        for size in sorted({len(r) for r in table}):
-            rows = [i for i, r in enumerate(table) if len(r) == size]
-            self.out_order += rows
-            self.gathers.append(torch.tensor([c for i in rows for c in table[i]]))
-            convs.append(nn.Conv2d(size * len(rows), len(rows), kernel, groups=len(rows)))
-        self.convs = nn.ModuleList(convs)
-        self.register_buffer("inverse", torch.argsort(torch.tensor(self.out_order)),
-                             persistent=False)
+        k2 = kernel * kernel
+        self.shape = (len(table), cin, kernel, kernel)
+        idx = [(j * cin + i) * k2 + t for j, row in enumerate(table) for i in row
+               for t in range(k2)]
+        self.register_buffer("index", torch.tensor(idx), persistent=False)
+        self.weight = nn.Parameter(torch.empty(len(idx)))
+        self.bias = nn.Parameter(torch.empty(len(table)))
+        # Appendix C: uniform in +-2.4 / fan-in, the fan-in of each map being its inputs x 25
+        with torch.no_grad():
+            start = 0
+            for j, row in enumerate(table):
+                bound = 2.4 / (len(row) * k2)
+                self.weight[start : start + len(row) * k2].uniform_(-bound, bound)
+                self.bias[j].uniform_(-bound, bound)
+                start += len(row) * k2
+
+    def dense_weight(self) -> torch.Tensor:
+        flat = self.weight.new_zeros(self.shape[0] * self.shape[1] * self.shape[2] ** 2)
+        return flat.index_copy(0, self.index, self.weight).view(self.shape)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        out = torch.cat([conv(x[:, g.to(x.device)]) for conv, g in zip(self.convs, self.gathers)],
-                        1)
-        return out[:, self.inverse]
+        return nn.functional.conv2d(x, self.dense_weight(), self.bias)
 
 
 class Grayscale(nn.Module):
@@ -122,7 +130,7 @@ class LeNet5(Backbone):
         self.stage_strides = [2, 4, 4, 4]
         for m in self.modules():
             if isinstance(m, nn.Conv2d):
-                fan_in = m.in_channels // m.groups * m.kernel_size[0] * m.kernel_size[1]
+                fan_in = m.in_channels * m.kernel_size[0] * m.kernel_size[1]
                 nn.init.uniform_(m.weight, -2.4 / fan_in, 2.4 / fan_in)
                 nn.init.uniform_(m.bias, -2.4 / fan_in, 2.4 / fan_in)
 
