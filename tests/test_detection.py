@@ -459,3 +459,34 @@ def test_train_and_compare_run_detection_from_the_cli(small_cfg, tmp_path, capsy
     results = json.loads((out / "hps" / "seed0" / "results.json").read_text())
     assert results["aux_tasks"] == ["detection"]
     assert "detection" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_map_equals_pycocotools_when_installed(seed, capsys):
+    """The authors' evaluation code, when present (it is not a dependency of mtlcv)."""
+    coco = pytest.importorskip("pycocotools.coco")
+    cocoeval = pytest.importorskip("pycocotools.cocoeval")
+    rng = np.random.default_rng(100 + seed)
+    dets, gts = random_split(rng, 30, 4)
+    images, annotations, results = [], [], []
+    for i, ((db, ds, dl), (gb, gl)) in enumerate(zip(dets, gts)):
+        images.append({"id": i, "width": 100, "height": 100})
+        for b, c in zip(gb, gl):
+            w, h = b[2] - b[0], b[3] - b[1]
+            annotations.append({"id": len(annotations) + 1, "image_id": i, "category_id": int(c),
+                                "bbox": [b[0], b[1], w, h], "area": w * h, "iscrowd": 0})
+        for b, s, c in zip(db, ds, dl):
+            results.append({"image_id": i, "category_id": int(c), "score": float(s),
+                            "bbox": [b[0], b[1], b[2] - b[0], b[3] - b[1]]})
+    truth = coco.COCO()
+    truth.dataset = {"images": images, "annotations": annotations,
+                     "categories": [{"id": k} for k in range(4)]}
+    truth.createIndex()
+    ev = cocoeval.COCOeval(truth, truth.loadRes(results), "bbox")
+    ev.evaluate()
+    ev.accumulate()
+    ev.summarize()
+    capsys.readouterr()
+    got = coco_map(dets, gts, 4)
+    assert got["map"] == pytest.approx(100 * ev.stats[0], abs=1e-9)
+    assert got["map50"] == pytest.approx(100 * ev.stats[1], abs=1e-9)
