@@ -224,6 +224,23 @@ def test_nms_is_per_class_and_suppresses_above_the_threshold_only():
     assert nms(boxes, scores, None, 0.5).tolist() == [3]  # one class: box 3 takes all
 
 
+def test_nms_equals_plain_greedy_suppression_and_max_keep_stops_early():
+    g = torch.Generator().manual_seed(0)
+    for _ in range(10):
+        xy = torch.rand(200, 2, generator=g) * 40
+        boxes = torch.cat([xy, xy + torch.rand(200, 2, generator=g) * 20 + 1], 1)
+        scores = torch.rand(200, generator=g).round(decimals=1)  # many ties
+        labels = torch.randint(3, (200,), generator=g)
+        order = sorted(range(200), key=lambda i: -float(scores[i]))  # stable
+        kept: list[int] = []
+        for i in order:
+            if all(labels[j] != labels[i] or box_iou(boxes[j], boxes[i])[0, 0] <= 0.5
+                   for j in kept):
+                kept.append(i)
+        assert nms(boxes, scores, labels, 0.5).tolist() == kept
+        assert nms(boxes, scores, labels, 0.5, max_keep=20).tolist() == kept[:20]
+
+
 def test_boxes_collate_pads_and_moves_with_the_image():
     a = Boxes([[1, 2, 5, 6], [0, 0, 3, 3]], [2, 0])
     b = Boxes(torch.zeros(0, 4), [])

@@ -185,23 +185,38 @@ def box_iou(a: np.ndarray | torch.Tensor, b: np.ndarray | torch.Tensor) -> np.nd
 
 
 def nms(boxes: torch.Tensor, scores: torch.Tensor, labels: torch.Tensor | None = None,
-        iou_threshold: float = 0.6) -> torch.Tensor:
+        iou_threshold: float = 0.6, max_keep: int | None = None) -> torch.Tensor:
     """Greedy non-maximum suppression, per class when ``labels`` are given.
 
     In decreasing score order (ties: the earlier box first), a box is kept unless a kept box of
-    its class overlaps it with IoU > ``iou_threshold``. Returns the kept indices, best first.
+    its class overlaps it with IoU > ``iou_threshold``. Returns the kept indices, best first;
+    with ``max_keep`` only the first ``max_keep`` of them (the same boxes, found sooner: a box's
+    fate depends only on the better boxes of its class).
     """
     order = torch.sort(scores.detach().cpu(), descending=True, stable=True).indices.numpy()
     b = boxes.detach().cpu().double().numpy()[order]
-    iou = box_iou(b, b)
-    if labels is not None:
-        lab = labels.detach().cpu().numpy()[order]
-        iou = np.where(lab[:, None] == lab[None, :], iou, 0.0)
-    keep, rest = [], np.arange(len(order))
-    while rest.size:
-        i, rest = rest[0], rest[1:]
+    lab = np.zeros(len(order), np.int64) if labels is None else \
+        labels.detach().cpu().numpy()[order]
+    area = (b[:, 2] - b[:, 0]) * (b[:, 3] - b[:, 1])
+    alive = np.ones(len(order), bool)
+    same = {c: np.flatnonzero(lab == c) for c in np.unique(lab)}  # positions, score order
+    keep: list[int] = []
+    for i in range(len(order)):
+        if not alive[i]:
+            continue
         keep.append(i)
-        rest = rest[iou[i, rest] <= iou_threshold]
+        if max_keep is not None and len(keep) >= max_keep:
+            break
+        rest = same[lab[i]]
+        rest = rest[rest > i]
+        rest = rest[alive[rest]]
+        if rest.size:  # IoU of the kept box with the later boxes of its class
+            iw = np.minimum(b[i, 2], b[rest, 2]) - np.maximum(b[i, 0], b[rest, 0])
+            ih = np.minimum(b[i, 3], b[rest, 3]) - np.maximum(b[i, 1], b[rest, 1])
+            inter = np.maximum(iw, 0.0) * np.maximum(ih, 0.0)
+            union = area[i] + area[rest] - inter
+            iou = np.divide(inter, union, out=np.zeros_like(inter), where=union > 0)
+            alive[rest[iou > iou_threshold]] = False
     return torch.as_tensor(order[np.array(keep, dtype=np.int64)], dtype=torch.long)
 
 
@@ -452,7 +467,7 @@ class Detection(Task):
             x, y = xs[xx], ys[yy]
             boxes = torch.stack([(x - d[0]).clamp(0, w), (y - d[1]).clamp(0, h),
                                  (x + d[2]).clamp(0, w), (y + d[3]).clamp(0, h)], 1)
-            keep = nms(boxes, s, cls, self.nms_iou)[: self.max_detections].to(pred.device)
+            keep = nms(boxes, s, cls, self.nms_iou, self.max_detections).to(pred.device)
             out.append({"boxes": boxes[keep], "scores": s[keep], "labels": cls[keep]})
         return out
 
