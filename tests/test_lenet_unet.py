@@ -122,3 +122,24 @@ def test_every_architecture_takes_lenet_and_unet(arch, backbone):
     deep = [p for preds in model.deep_supervision().values() for _, p in preds]
     sum(o.square().mean() for o in [*out.values(), *deep]).backward()
     assert all(p.grad is not None for p in model.parameters() if p.requires_grad)
+
+
+def test_lenet_trains_on_object_crops_of_the_scenes(scenes_root, tmp_path):
+    from mtlcv.config import from_dict
+    from mtlcv.data.scenes import DET_CLASSES, ScenesDataset, ScenesObjects
+    from mtlcv.engine.trainer import train
+
+    crops = ScenesObjects(ScenesDataset(scenes_root, "train"), crop=32)
+    item = crops[0]
+    assert item["image"].shape == (3, 32, 32) and 0 <= int(item["classification"]) < 10
+    assert len(crops) > 20
+    cfg = from_dict({
+        "tasks": ["classification"],
+        "data": {"name": "scenes-objects", "root": scenes_root, "batch_size": 16,
+                 "options": {"n": 48, "size": [32, 48], "seed": 0}},
+        "model": {"arch": "stl", "backbone": {"name": "lenet"}},
+        "train": {"epochs": 1, "max_steps": 3, "progress": False},
+    })
+    results = train(cfg, tmp_path / "run", log=lambda _: None)
+    assert set(results["test"]["classification"]) == {"accuracy"}
+    assert crops.task_options["classification"]["num_classes"] == len(DET_CLASSES)

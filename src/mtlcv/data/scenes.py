@@ -34,6 +34,7 @@ Example:
 from __future__ import annotations
 
 import json
+import math
 import os
 import zipfile
 import zlib
@@ -391,3 +392,57 @@ def scenes(split: str = "train", root: str | None = None, augment: bool = False,
                         f"seed={have[2]} but n={n}, size={h}x{w}, seed={seed} was asked for; "
                         "match data.options to it, or point data.root at another folder")
     return ScenesDataset(folder, split, augment)
+
+
+# ----------------------------------------------------------------------------- object crops
+
+
+class ScenesObjects(MTLDataset):
+    """Image classification of the scenes' objects: one item per box of a split, the box (with a
+    ``margin`` on each side, clipped to the image) resized to ``crop`` x ``crop`` pixels,
+    labelled with its detection class (:data:`DET_CLASSES`). The small-image problem LeNet-5
+    was made for, drawn from the same scenes as the dense tasks. Boxes smaller than
+    ``min_side`` pixels on a side are left out."""
+
+    targets = ("classification",)
+    task_options = {"classification": {"num_classes": len(DET_CLASSES)}}
+
+    def __init__(self, scenes_split: ScenesDataset, augment: bool = False, crop: int = 32,
+                 margin: float = 0.1, min_side: int = 4) -> None:
+        self.scenes, self.augment, self.crop, self.margin = scenes_split, augment, crop, margin
+        a = scenes_split.arrays
+        wh = a["boxes"][:, 2:] - a["boxes"][:, :2]
+        image = torch.repeat_interleave(torch.arange(len(a["box_count"])), a["box_count"])
+        keep = (wh >= min_side).all(1)
+        self.items = torch.stack([image, torch.arange(len(image))], 1)[keep]
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def __getitem__(self, k: int) -> dict[str, Any]:
+        i, j = (int(v) for v in self.items[k])
+        a = self.scenes.arrays
+        h, w = a["image"].shape[-2:]
+        x1, y1, x2, y2 = a["boxes"][j].tolist()
+        mx, my = self.margin * (x2 - x1), self.margin * (y2 - y1)
+        x1, y1 = max(0, int(x1 - mx)), max(0, int(y1 - my))
+        x2, y2 = min(w, int(math.ceil(x2 + mx))), min(h, int(math.ceil(y2 + my)))
+        image = a["image"][i, :, y1:y2, x1:x2].float() / 255
+        image = torch.nn.functional.interpolate(image[None], size=(self.crop, self.crop),
+                                                mode="bilinear", align_corners=False)[0]
+        item = {"image": image, "classification": a["box_class"][j].long()}
+        if self.augment and torch.rand(()) < 0.5:
+            item = hflip(item)
+        return item
+
+
+@DATASETS.register("scenes-objects", help="object crops of the scenes, classified (LeNet-size)")
+def scenes_objects(split: str = "train", root: str | None = None, augment: bool = False,
+                   n: int = 600, size: Sequence[int] = (96, 128), seed: int = 0, crop: int = 32,
+                   margin: float = 0.1, min_side: int = 4) -> ScenesObjects:
+    """Object crops of a scenes cache (made on first use, as for ``scenes``) as 10-class image
+    classification; ``crop`` is the side of the square crops (32: LeNet-5's input)."""
+    if isinstance(crop, bool) or not isinstance(crop, int) or crop < 4:
+        raise ConfigError(f"scenes-objects option 'crop': expected an integer >= 4, got {crop!r}")
+    return ScenesObjects(scenes(split, root, False, n, size, seed), augment, crop, margin,
+                         min_side)
