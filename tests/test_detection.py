@@ -232,10 +232,10 @@ def test_nms_equals_plain_greedy_suppression_and_max_keep_stops_early():
         scores = torch.rand(200, generator=g).round(decimals=1)  # many ties
         labels = torch.randint(3, (200,), generator=g)
         order = sorted(range(200), key=lambda i: -float(scores[i]))  # stable
+        iou, lab = box_iou(boxes, boxes), labels.tolist()
         kept: list[int] = []
         for i in order:
-            if all(labels[j] != labels[i] or box_iou(boxes[j], boxes[i])[0, 0] <= 0.5
-                   for j in kept):
+            if all(lab[j] != lab[i] or iou[j, i] <= 0.5 for j in kept):
                 kept.append(i)
         assert nms(boxes, scores, labels, 0.5).tolist() == kept
         assert nms(boxes, scores, labels, 0.5, max_keep=20).tolist() == kept[:20]
