@@ -14,7 +14,7 @@ from mtlcv.data.base import collate
 from mtlcv.data.transforms import hflip, resize, scale_crop
 from mtlcv.errors import DataError
 from mtlcv.models import build_model
-from mtlcv.registry import ARCHS, TASKS
+from mtlcv.registry import ARCHS, BALANCERS, TASKS
 from mtlcv.tasks.detection import (
     Boxes,
     Detection,
@@ -507,3 +507,19 @@ def test_map_equals_pycocotools_when_installed(seed, capsys):
     got = coco_map(dets, gts, 4)
     assert got["map"] == pytest.approx(100 * ev.stats[0], abs=1e-9)
     assert got["map50"] == pytest.approx(100 * ev.stats[1], abs=1e-9)
+
+
+@pytest.mark.parametrize("method", BALANCERS.names())
+def test_every_balancer_steps_with_detection(method):
+    from mtlcv import balancing
+
+    torch.manual_seed(0)
+    tasks = {"detection": TASKS.create("detection", num_classes=3), "depth": TASKS.create("depth")}
+    model = build_model("hps", tasks, {"name": "tiny", "width": 8}, {"name": "light"})
+    target = {"detection": target_of([((2, 3, 20, 15), 0)], [((30, 5, 45, 30), 2)]),
+              "depth": torch.rand(2, 1, 32, 48) + 0.5}
+    out = model(torch.rand(2, 3, 32, 48))
+    losses = torch.stack([tasks[t].loss(out[t], target[t]) for t in tasks])
+    balancing.create(method, num_tasks=2).backward(losses, model)
+    grads = [p.grad for p in model.parameters() if p.grad is not None]
+    assert grads and all(torch.isfinite(g).all() for g in grads)
