@@ -553,7 +553,8 @@ def test_bad_options_are_config_errors(arch, options, match):
 
 CONFIG_FILES = ["scenes/sps.yaml", "scenes/cross_stitch.yaml", "scenes/mtan.yaml",
                 "scenes/padnet.yaml", "scenes/mti_net.yaml", "nyuv2/segnet_mtan.yaml",
-                "nyuv2/hps_vs_sps_segnet.yaml"]
+                "nyuv2/hps_vs_sps_segnet.yaml", "scenes/detection.yaml",
+                "scenes/lenet_objects.yaml"]
 
 
 @pytest.mark.parametrize("name", CONFIG_FILES)

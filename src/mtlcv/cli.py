@@ -70,11 +70,12 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 
 def _print_results(results: dict, out: Path) -> None:
-    from .analysis.tables import comparison_table, metric_directions
+    from .analysis.tables import aux_tasks, comparison_table, metric_directions
 
     higher = metric_directions(results)
     con = _console()
-    con.print(comparison_table({results["name"]: results}, higher, title=f"test metrics ({out})"))
+    con.print(comparison_table({results["name"]: results}, higher, title=f"test metrics ({out})",
+                               aux=aux_tasks(results)))
     if "delta_m" in results:
         con.print(
             f"Δm vs {results['baselines']}: {results['delta_m']['test']:+.2f}% (lower is better)"
@@ -83,7 +84,7 @@ def _print_results(results: dict, out: Path) -> None:
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
-    from .analysis import delta_m, on_baseline_metrics
+    from .analysis import delta_m, main_metrics, on_baseline_metrics
     from .analysis.tables import comparison_table
     from .config import load
     from .engine.checkpoint import load_checkpoint
@@ -112,7 +113,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
     if cfg.baselines:
         base = load_baselines(cfg.baselines)[args.split]
         check_baseline_protocol(cfg)  # Δm only within one evaluation protocol
-        result["delta_m"] = delta_m(on_baseline_metrics(metrics, base), base, higher)
+        main = main_metrics(metrics, cfg.aux_tasks)
+        result["delta_m"] = delta_m(on_baseline_metrics(main, base), base, higher)
     if args.json:
         print(json.dumps(result, indent=2))
         return 0
@@ -122,6 +124,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
             {f"{cfg.name} ({args.checkpoint}, epoch {result['epoch']})": result},
             higher,
             title=f"{args.split} metrics of {run}",
+            aux=cfg.aux_tasks,
         )
     )
     if "delta_m" in result:
@@ -327,11 +330,15 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--seed", type=int, default=0)
     s.add_argument("--out", required=True, help="cache folder to write")
     s.set_defaults(func=cmd_data_scenes)
-    c = dsub.add_parser("check", help="validate a NYUv2 folder or file; names every bad file")
-    c.add_argument("path", help="dataset folder (.npy layout), .mat file or fixture folder/npz")
+    c = dsub.add_parser(
+        "check", help="validate a NYUv2 folder or file or a scenes cache; names every bad file"
+    )
+    c.add_argument(
+        "path", help="dataset folder (.npy layout), .mat file, fixture folder/npz, scenes cache"
+    )
     c.add_argument(
         "--kind",
-        choices=("nyuv2", "nyuv2-mat", "nyuv2-fixture"),
+        choices=("nyuv2", "nyuv2-mat", "nyuv2-fixture", "scenes"),
         help="layout (default: detected from PATH)",
     )
     c.set_defaults(func=cmd_data_check)

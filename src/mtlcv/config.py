@@ -127,6 +127,10 @@ class ExperimentConfig:
     #: single-task baselines for Δm: a run directory, a results.json, or a named published
     #: baseline (see ``mtlcv.analysis.baselines``); None = select the best epoch by mean rank
     baselines: str | None = None
+    #: auxiliary tasks (a subset of ``tasks``): trained and balanced like the others, left out
+    #: of model selection and Δm, shown apart in tables; PAD-Net and MTI-Net predict them only
+    #: at their intermediate stage
+    aux_tasks: list[str] = field(default_factory=list)
 
 
 OPTIMIZERS = ("adam", "sgd", "adamw")
@@ -219,6 +223,16 @@ def validate(cfg: ExperimentConfig) -> ExperimentConfig:
         raise ConfigError("config key 'tasks': got an empty list, expected at least one task")
     if len(set(cfg.tasks)) != len(cfg.tasks):
         raise ConfigError(f"config key 'tasks': got duplicates in {cfg.tasks}")
+    for t in cfg.aux_tasks:
+        if t not in cfg.tasks:
+            raise ConfigError(
+                f"config key 'aux_tasks': {t!r} is not one of the tasks ({', '.join(cfg.tasks)})"
+            )
+    if len(set(cfg.aux_tasks)) == len(cfg.tasks):
+        raise ConfigError(
+            "config key 'aux_tasks': every task is auxiliary; at least one main task is needed "
+            "(model selection and Δm use the main tasks)"
+        )
     if cfg.optim.name not in OPTIMIZERS:
         raise ConfigError(
             f"config key 'optim.name': got {cfg.optim.name!r}, "

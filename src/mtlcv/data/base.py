@@ -17,15 +17,22 @@ It declares:
   value (255 for labels, 0 for depth and normals), so the loss and the metrics mask it; it is
   never dropped and never scored.
 
+A target that is not a fixed-size tensor (detection boxes, a variable number per image) is an
+object that batches itself: its type has a ``collate(values)`` static method, which
+:func:`collate` (the loaders' ``collate_fn``) calls for that entry, e.g.
+:class:`mtlcv.tasks.detection.Boxes` pads the boxes of a batch into one tensor; it also moves
+with the image under :mod:`mtlcv.data.transforms` through its ``hflip`` and ``crop_resize``.
+
 Factories are registered in :data:`mtlcv.registry.DATASETS` and called as
 ``factory(split=..., root=..., augment=..., **options)``.
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any
 
-from torch.utils.data import Dataset
+from torch.utils.data import Dataset, default_collate
 
 
 class MTLDataset(Dataset):
@@ -39,3 +46,15 @@ class MTLDataset(Dataset):
 
     def __getitem__(self, i: int) -> dict[str, Any]:  # pragma: no cover - abstract
         raise NotImplementedError
+
+
+def collate(samples: Sequence[dict[str, Any]]) -> dict[str, Any]:
+    """Batch sample dicts: an entry whose values batch themselves (a type with a ``collate``
+    static method, e.g. detection boxes) by that method, every other entry by PyTorch's
+    ``default_collate`` (tensors stacked)."""
+    out = {}
+    for key in samples[0]:
+        values = [s[key] for s in samples]
+        own = getattr(type(values[0]), "collate", None)
+        out[key] = own(values) if own is not None else default_collate(values)
+    return out

@@ -16,6 +16,7 @@ from torch.utils.data import DataLoader
 
 from ..analysis.baselines import get_baseline
 from ..config import ExperimentConfig
+from ..data.base import collate
 from ..errors import ConfigError, MtlcvError
 from ..registry import DATASETS, TASKS
 from ..tasks.base import Task
@@ -70,7 +71,8 @@ def build_tasks(cfg: ExperimentConfig, dataset: Any) -> dict[str, Task]:
     A name is scored by the task kind the dataset declares for it in ``task_kinds`` (two
     classification tasks ``left`` and ``right``), else by the registered task of that name; the
     task object carries the name (its batch key and prediction key) in ``task.name``, the
-    registered kind in ``task.kind`` and its factory options in ``task.options``.
+    registered kind in ``task.kind``, its factory options in ``task.options``, and
+    ``task.auxiliary`` is True for the names in ``cfg.aux_tasks``.
     """
     opts = getattr(dataset, "task_options", {}) or {}
     kinds = getattr(dataset, "task_kinds", {}) or {}
@@ -80,6 +82,7 @@ def build_tasks(cfg: ExperimentConfig, dataset: Any) -> dict[str, Task]:
         task = TASKS.create(kind, where="tasks", **options)
         # name, kind and options are what a checkpoint records to rebuild the task (metadata.py)
         task.name, task.kind, task.options = t, kind, options
+        task.auxiliary = t in cfg.aux_tasks
         tasks[t] = task
     return tasks
 
@@ -169,6 +172,7 @@ def make_loader(cfg: ExperimentConfig, ds: Any, train: bool, seed: int = 0) -> D
         shuffle=train,
         drop_last=train and len(ds) > bs,
         num_workers=cfg.data.num_workers,
+        collate_fn=collate,  # targets that are not fixed-size tensors batch themselves
         generator=gen,
         persistent_workers=False,
     )

@@ -11,7 +11,8 @@ A run directory holds:
 * ``last.pt``: everything needed to continue exactly (model, optimizer, scheduler, balancer,
   RNG states, position, history), written atomically after every epoch;
 * ``best.pt``: the model of the best epoch on val (by Δm against the baselines when they are
-  given, else by mean rank over all metrics);
+  given, else by mean rank over all metrics), both over the main tasks: auxiliary tasks
+  (config ``aux_tasks``) are trained and balanced but never selected on;
 * ``results.json``: the test metrics of the best checkpoint (under ``eval.protocol:
   published``, the mean test metrics of the last ``eval.last_epochs`` epochs instead, see
   :mod:`mtlcv.engine.protocol`), Δm when baselines exist, the protocol that produced them, wall
@@ -37,7 +38,7 @@ from typing import Any
 
 import torch
 
-from ..analysis import delta_m, mean_rank, on_baseline_metrics
+from ..analysis import delta_m, main_metrics, mean_rank, on_baseline_metrics
 from ..config import ExperimentConfig, dump, load, to_dict
 from ..errors import CheckpointError, ConfigError, TrainingError
 from .checkpoint import (
@@ -134,6 +135,8 @@ class Trainer:
         self.exp: Experiment = build(cfg)
         self.tasks = self.exp.tasks
         self.names = list(cfg.tasks)
+        #: the tasks model selection and Δm look at (all but the auxiliary ones)
+        self.main = [n for n in self.names if n not in cfg.aux_tasks]
         self.model = self.exp.model
         self.balancer = self.exp.balancer
         check_needs(self.balancer)  # a need no provider supplies fails now, not at step 1
@@ -150,14 +153,14 @@ class Trainer:
         self.meta = describe_model(cfg, self.tasks, self.exp.datasets["val"], self.model)
         if self.baselines is not None:  # fail now, not after the first epoch
             for split, base in self.baselines.items():
-                missing = [t for t in self.names if t not in base]
+                missing = [t for t in self.main if t not in base]
                 if missing:
                     raise ConfigError(
                         f"config key 'baselines': {cfg.baselines!r} has no {split} metrics for "
                         f"task {', '.join(missing)}"
                     )
                 try:
-                    delta_m({t: base[t] for t in self.names}, base, self.higher)
+                    delta_m({t: base[t] for t in self.main}, base, self.higher)
                 except ConfigError as exc:
                     raise ConfigError(f"config key 'baselines' ({cfg.baselines}): {exc}") from None
         self.val_loader = make_loader(cfg, self.exp.datasets["val"], train=False)
@@ -308,12 +311,18 @@ class Trainer:
     def _step_context(self, batch: dict[str, Any]) -> StepContext:
         return StepContext(batch, lambda b: self._losses(self.model(b["image"]), b))
 
+    def _delta_m(self, metrics: Metrics, split: str) -> float:
+        """Δm of the main tasks against the baselines of ``split``."""
+        assert self.baselines is not None
+        base = self.baselines[split]
+        main = main_metrics(metrics, self.cfg.aux_tasks)
+        return delta_m(on_baseline_metrics(main, base), base, self.higher)
+
     def _score(self, val: Metrics) -> dict[str, Any]:
         """Δm on val against the baselines, when they exist."""
         if self.baselines is None:
             return {}
-        base = self.baselines["val"]
-        return {"delta_m": delta_m(on_baseline_metrics(val, base), base, self.higher)}
+        return {"delta_m": self._delta_m(val, "val")}
 
     def _is_best(self, score: dict[str, Any]) -> bool:
         if self.best is None:
@@ -321,7 +330,8 @@ class Trainer:
         if "delta_m" in score:
             return score["delta_m"] < self.best["delta_m"]
         # mean rank over all epochs so far; compare this epoch with the kept best one
-        ranks = mean_rank([h["val"] for h in self.history], self.higher)
+        aux = self.cfg.aux_tasks
+        ranks = mean_rank([main_metrics(h["val"], aux) for h in self.history], self.higher)
         return ranks[-1] < ranks[self.best["epoch"] - 1]
 
     # ------------------------------------------------------------------ run
@@ -408,6 +418,7 @@ class Trainer:
         results: dict[str, Any] = {
             "name": self.cfg.name,
             "tasks": self.names,
+            "aux_tasks": list(self.cfg.aux_tasks),
             "higher_is_better": self.higher,
             "arch": self.cfg.model.arch,
             "balancer": self.cfg.balancer.name,
@@ -437,18 +448,10 @@ class Trainer:
                 "convention": "mean over all metrics, lower is better (CAGrad/Nash-MTL/FAMO)",
                 "protocol": self.cfg.eval.protocol,
                 "baseline_protocol": self.baseline_protocol,
-                "val": delta_m(
-                    on_baseline_metrics(best["val"], self.baselines["val"]),
-                    self.baselines["val"],
-                    self.higher,
-                ),
-                "test": delta_m(
-                    on_baseline_metrics(test, self.baselines["test"]),
-                    self.baselines["test"],
-                    self.higher,
-                ),
+                "val": self._delta_m(best["val"], "val"),
+                "test": self._delta_m(test, "test"),
                 "metrics": {
-                    t: sorted(ms) for t, ms in self.baselines["test"].items() if t in self.tasks
+                    t: sorted(ms) for t, ms in self.baselines["test"].items() if t in self.main
                 },
             }
         atomic_write_text(json.dumps(results, indent=2), self.out / "results.json")

@@ -16,6 +16,10 @@ property returning one) of callables over modules registered under those names, 
 ``state_dict()`` has no duplicated keys. Wrappers should call ``forward_stage`` and read
 ``num_stages``, never index ``stages`` for its parameters.
 
+A backbone of valid (unpadded) convolutions declares ``min_size``, the smallest height and
+width it accepts (LeNet-5: 32); its stage outputs are then smaller than ``H / stride``, which
+every architecture tolerates (dense heads resize to the image).
+
 Images enter a backbone in [0, 1]; the built-in backbones standardise them themselves with
 :class:`ImageNormalize` as the first step of stage 0 (ImageNet statistics), so datasets never
 need to know which statistics a backbone was pretrained with. SegNet, which the MTAN protocol
@@ -60,6 +64,8 @@ class Backbone(nn.Module):
     stage_channels: list[int]
     #: cumulative output stride of every stage with respect to the input
     stage_strides: list[int]
+    #: the smallest input height and width the backbone accepts
+    min_size: int = 1
 
     def __init__(self) -> None:
         super().__init__()

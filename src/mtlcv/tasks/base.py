@@ -25,8 +25,20 @@ problem, so that trainers, architectures and balancers never special-case a task
 Batch contract (GUIDE.md): ``image`` float ``[B,3,H,W]``; ``semseg`` long ``[B,H,W]`` with
 255 = ignore; ``depth`` float ``[B,1,H,W]`` with 0 = missing; ``normals`` float ``[B,3,H,W]``
 unit vectors in the camera frame (x right, y down, z forward) with 0 = missing; ``edges`` float
-``[B,1,H,W]`` in {0, 1} with 255 = ignore; ``classification`` long ``[B]`` with 255 = ignore.
-Predictions are raw head outputs at the target's resolution.
+``[B,1,H,W]`` in {0, 1} with 255 = ignore; ``classification`` long ``[B]`` with 255 = ignore;
+``detection`` float ``[B,M,5]``, rows ``(x1, y1, x2, y2, class)`` in pixels of the image, rows
+of class −1 padding (``M`` = the largest box count of the batch, 0 when no image has one).
+Predictions are raw head outputs at the target's resolution (detection: ``[B, C+5, H, W]`` at
+the image's).
+
+A target that is not a fixed-size tensor is still one entry of the batch dict: a dataset
+returns per sample an object that batches itself and moves with the image (detection:
+:class:`~mtlcv.tasks.detection.Boxes`, with ``collate``, ``hflip`` and ``crop_resize``), so the
+loaders (:func:`mtlcv.data.base.collate`), the augmentation (:mod:`mtlcv.data.transforms`), the
+trainer and the architectures never learn about it. ``postprocess`` may then return a
+structured prediction (detection: per image a dict of ``boxes``, ``scores``, ``labels``).
+An auxiliary task (``auxiliary = True``, from the config's ``aux_tasks``) is trained and
+balanced like any other and left out of model selection and Δm.
 """
 
 from __future__ import annotations
@@ -68,6 +80,8 @@ class Task(ABC):
     #: here) or ``"batch_mean"`` (the mean over evaluation batches of per-batch values, as the
     #: SegNet-MTAN papers' code does for depth and normals)
     published_aggregation: str = "split"
+    #: an auxiliary task (config ``aux_tasks``): trained and balanced, never selected on
+    auxiliary: bool = False
 
     @abstractmethod
     def loss(self, pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor: ...

@@ -180,7 +180,8 @@ class MTAN(MultiTaskModel):
     @staticmethod
     def _inner_channels(bb: Backbone) -> list[int]:
         """Channels of every ``u_j``, from one small dry run in eval mode."""
-        size = 4 * max(bb.stage_strides)
+        # a backbone of valid convolutions (LeNet) declares the smallest input it accepts
+        size = max(4 * max(bb.stage_strides), getattr(bb, "min_size", 0))
         dev = next(bb.parameters()).device
         x = torch.zeros(1, 3, size, size, device=dev)
         mode = bb.training
