@@ -209,17 +209,18 @@ class LinearMultiTask(MultiTaskEstimator):
     def _gap(self, prob: _Problem, alpha: float):
         """Duality gap of the squared-loss problem (a certificate: gap >= F(W) - F*).
 
-        With D_t = diag(s_t) and residuals r_t = y_t - X_t w_t - b_t*(W) at the optimal
-        intercepts, the dual point θ_t = c D_t r_t gives the dual objective
-        ``Σ_t [c θ-terms: c r_tᵀD_t y_t - c² r_tᵀD_t r_t / 2] - (αΩ)*(c G)``, G = [X_tᵀ D_t r_t];
-        c scales θ into the dual-feasible set (Ω*(cG) <= α for a norm). Fenchel duality as in
-        scikit-learn's lasso gap, with per-task designs and intercepts.
+        With D_t = diag(s_t) and residuals r_t = y_t - X_t w_t - b_t*(W) at the intercepts
+        optimal for W, the dual point θ_t = c D_t r_t has the dual objective
+        ``Σ_t [c r_tᵀ D_t y_t - c² r_tᵀ D_t r_t / 2] - (αΩ)*(c G)``, G = [X_tᵀ D_t r_t]_t, where
+        c scales θ into the dual-feasible set (Ω*(cG) <= α for a norm). This is the Fenchel
+        dual behind scikit-learn's lasso gap, with one design and intercept per task; at the
+        optimum c = 1 and the gap is 0.
         """
         d, pen = prob.d, self.penalty
 
         def gap(Theta: np.ndarray) -> float:
             G = np.empty((d, prob.T))
-            fit = lin = quad = 0.0
+            lin = quad = 0.0
             for t, (X, y, s) in enumerate(zip(prob.Xs, prob.ys, prob.ss)):
                 r = y - X @ Theta[:d, t]
                 if prob.fit_intercept:
@@ -228,9 +229,8 @@ class LinearMultiTask(MultiTaskEstimator):
                 G[:, t] = X.T @ sr
                 quad += float(np.dot(sr, r))
                 lin += float(np.dot(sr, y))
-            fit = 0.5 * quad
             c, conj = pen.dual_scale(G, alpha)
-            primal = fit + alpha * pen.value(Theta[:d])
+            primal = 0.5 * quad + alpha * pen.value(Theta[:d])
             dual = c * lin - 0.5 * c * c * quad - conj
             return max(primal - dual, 0.0)
 
