@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The tables of docs/classic.md: every classic method on every data set, 5 seeds each, one
 # JSON file per pair in runs/classic/ (finished pairs are skipped, so a rerun resumes).
-# CPU only, single-threaded fits; about 25 minutes on a busy 2-core machine.
+# CPU only, single-threaded fits; 21.5 minutes measured on a busy 2-core machine.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 out=${1:-runs/classic}
