@@ -1,4 +1,5 @@
-"""The ``mtlcv`` command line: train, eval, compare, data, bench, classic, list, demo.
+"""The ``mtlcv`` command line: train, eval, compare, predict, export, data, bench, classic,
+list, demo.
 
 Every user mistake (a bad config key, a missing file, a corrupt cache) is an
 :class:`~mtlcv.errors.MtlcvError`: the CLI prints its one line and exits with code 2, never a
@@ -89,6 +90,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     from .engine.checkpoint import load_checkpoint
     from .engine.evaluate import evaluate
     from .engine.experiment import build, load_baselines, make_loader
+    from .engine.protocol import check_baseline_protocol
 
     run = Path(args.run)
     if not (run / "config.yaml").is_file():
@@ -98,9 +100,10 @@ def cmd_eval(args: argparse.Namespace) -> int:
     ckpt = load_checkpoint(run / f"{args.checkpoint}.pt", map_location=exp.device)
     exp.model.load_state_dict(ckpt["model"])
     loader = make_loader(cfg, exp.datasets[args.split], train=False)
-    metrics = evaluate(exp.model, exp.tasks, loader, exp.device)
+    metrics = evaluate(exp.model, exp.tasks, loader, exp.device, cfg.eval.protocol)
     result = {
         "name": cfg.name,
+        "protocol": cfg.eval.protocol,
         "split": args.split,
         "checkpoint": args.checkpoint,
         "epoch": ckpt.get("epoch"),
@@ -109,6 +112,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     higher = {n: t.higher_is_better for n, t in exp.tasks.items()}
     if cfg.baselines:
         base = load_baselines(cfg.baselines)[args.split]
+        check_baseline_protocol(cfg)  # Δm only within one evaluation protocol
         result["delta_m"] = delta_m(on_baseline_metrics(metrics, base), base, higher)
     if args.json:
         print(json.dumps(result, indent=2))
@@ -276,6 +280,46 @@ def cmd_classic(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_predict(args: argparse.Namespace) -> int:
+    from .inference import load
+    from .inference.commands import predict_files, summary_line
+
+    predictor = load(args.run or args.checkpoint, device=args.device)
+    summary = predict_files(
+        predictor, args.input, args.out, batch_size=args.batch_size, fit=args.fit
+    )
+    print(summary_line(summary, args.out))
+    return 1 if summary["failed"] else 0
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    from .inference import export, load
+
+    predictor = load(args.run or args.checkpoint, device="cpu")
+    r = export(predictor, args.format, args.out, size=args.size, exporter=args.onnx_exporter)
+    print(f"wrote {r['file']} ({r['format']} via {r['exporter']}, {r['bytes'] / 2**20:.1f} MiB)")
+    i = r["input"]
+    print(f"  input  {i['name']}: {i['dtype']} {i['shape']}, {i['is']}")
+    for name, o in r["outputs"].items():
+        kind = f" ({o['kind']})" if o["kind"] != name else ""
+        print(f"  output {name}{kind}: {o['shape']}, {o['is']}")
+    if r["verified"]:
+        worst = max(r["max_abs_diff"].values(), default=0.0)
+        print(
+            f"checked on a random batch of {r['check_batch']}: max |diff| vs PyTorch "
+            f"{worst:.2g} (tolerance 1e-4)"
+        )
+    else:
+        print(r["note"])
+    return 0
+
+
+def _add_source(parser: argparse.ArgumentParser) -> None:
+    src = parser.add_mutually_exclusive_group(required=True)
+    src.add_argument("--run", metavar="DIR", help="run directory (its best.pt)")
+    src.add_argument("--checkpoint", metavar="FILE", help="checkpoint file (best.pt, last.pt)")
+
+
 # ---------------------------------------------------------------------- parser
 def _add_set(parser: argparse.ArgumentParser, help: str) -> None:
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help=help)
@@ -386,6 +430,44 @@ def build_parser() -> argparse.ArgumentParser:
     cl.add_argument("--out", help="also write the full result (every seed) to this JSON file")
     cl.add_argument("--json", action="store_true", help="print JSON instead of a table")
     cl.set_defaults(func=cmd_classic)
+    pr = sub.add_parser("predict", help="run a trained model on your images; write every task")
+    _add_source(pr)
+    pr.add_argument(
+        "--input",
+        required=True,
+        nargs="+",
+        metavar="PATH",
+        help="image files, folders or quoted glob patterns",
+    )
+    pr.add_argument(
+        "--out", required=True, metavar="DIR", help="output folder (one subfolder per task)"
+    )
+    pr.add_argument(
+        "--batch-size", type=_positive, default=8, metavar="N", help="images per batch (8)"
+    )
+    pr.add_argument("--device", default="auto", help="auto (default), cpu, cuda or cuda:N")
+    pr.add_argument(
+        "--fit",
+        choices=("resize", "pad"),
+        default="resize",
+        help="bring images to the model's size by stretching (default) or by padding",
+    )
+    pr.set_defaults(func=cmd_predict)
+
+    ex = sub.add_parser("export", help="export a trained model to TorchScript or ONNX")
+    _add_source(ex)
+    ex.add_argument("--format", required=True, choices=("torchscript", "onnx"))
+    ex.add_argument("--out", required=True, metavar="FILE", help="file to write (.pt or .onnx)")
+    ex.add_argument(
+        "--size", type=_size, metavar="HxW", help="the graph's input size (default: as trained)"
+    )
+    ex.add_argument(
+        "--onnx-exporter",
+        choices=("auto", "torchscript", "dynamo"),
+        default="auto",
+        help="PyTorch's ONNX exporter (auto: the TorchScript-based one while it exists)",
+    )
+    ex.set_defaults(func=cmd_export)
 
     m = sub.add_parser("demo", help="STL vs hard sharing on the embedded scenes data (CPU)")
     m.add_argument("--out", default="runs/demo", help="where the two runs go (default runs/demo)")

@@ -94,6 +94,25 @@ class TrainConfig:
 
 
 @dataclass
+class EvalConfig:
+    """How val/test numbers are computed (see :mod:`mtlcv.engine.protocol`).
+
+    ``exact`` (default): every metric over the whole split, test = the best-on-val checkpoint.
+    ``published``: the protocol of the SegNet-MTAN papers (MTAN, CAGrad, Nash-MTL, FAMO): depth
+    and normals metrics averaged over evaluation batches (``data.eval_batch_size``, 2 there),
+    segmentation from the split's confusion matrix, and test = the mean of the test metrics of
+    the last ``last_epochs`` epochs. A Δm between numbers of different protocols is refused unless
+    ``allow_protocol_mismatch`` is true.
+    """
+
+    protocol: str = "exact"
+    #: epochs whose test metrics the published protocol averages (10 in the papers)
+    last_epochs: int = 10
+    #: compute Δm against baselines measured under another protocol (not comparable)
+    allow_protocol_mismatch: bool = False
+
+
+@dataclass
 class ExperimentConfig:
     name: str = "experiment"
     seed: int = 0
@@ -104,12 +123,14 @@ class ExperimentConfig:
     schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
     balancer: BalancerConfig = field(default_factory=BalancerConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
     #: single-task baselines for Δm: a run directory, a results.json, or a named published
     #: baseline (see ``mtlcv.analysis.baselines``); None = select the best epoch by mean rank
     baselines: str | None = None
 
 
 OPTIMIZERS = ("adam", "sgd", "adamw")
+PROTOCOLS = ("exact", "published")
 SCHEDULES = ("none", "step", "cosine")
 
 
@@ -208,7 +229,13 @@ def validate(cfg: ExperimentConfig) -> ExperimentConfig:
             f"config key 'schedule.name': got {cfg.schedule.name!r}, "
             f"expected one of {', '.join(SCHEDULES)}"
         )
+    if cfg.eval.protocol not in PROTOCOLS:
+        raise ConfigError(
+            f"config key 'eval.protocol': got {cfg.eval.protocol!r}, "
+            f"expected one of {', '.join(PROTOCOLS)}"
+        )
     positive = {
+        "eval.last_epochs": cfg.eval.last_epochs,
         "data.batch_size": cfg.data.batch_size,
         "train.epochs": cfg.train.epochs,
         "schedule.step_size": cfg.schedule.step_size,

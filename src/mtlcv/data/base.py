@@ -11,6 +11,8 @@ It declares:
 * ``task_kinds``: per task name, the registered task kind that scores it when the name is not
   itself a registered task, e.g. ``{"left": "classification", "right": "classification"}`` for
   two digit-classification tasks; names absent from it are their own kind;
+* ``class_names`` (optional): per task, the names of its classes in id order (e.g.
+  ``{"semseg": ["bed", ...]}``); checkpoints record them so predictions can be labelled;
 * a sample that lacks a target it declares carries that target filled with the task's ignore
   value (255 for labels, 0 for depth and normals), so the loss and the metrics mask it; it is
   never dropped and never scored.
@@ -30,6 +32,7 @@ class MTLDataset(Dataset):
     targets: tuple[str, ...] = ()
     task_options: dict[str, dict[str, Any]] = {}
     task_kinds: dict[str, str] = {}
+    class_names: dict[str, list[str]] = {}
 
     def __len__(self) -> int:  # pragma: no cover - abstract
         raise NotImplementedError

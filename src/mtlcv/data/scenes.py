@@ -266,6 +266,7 @@ class ScenesDataset(MTLDataset):
     targets = ("semseg", "depth", "normals", "edges", "classification")
     task_options = {"semseg": {"num_classes": len(CLASSES)},
                     "classification": {"num_classes": len(ROOM_TYPES)}}
+    class_names = {"semseg": list(CLASSES), "classification": list(ROOM_TYPES)}
 
     def __init__(self, root: str | os.PathLike, split: str = "train",
                  augment: bool = False) -> None:

@@ -12,8 +12,10 @@ A run directory holds:
   RNG states, position, history), written atomically after every epoch;
 * ``best.pt``: the model of the best epoch on val (by Δm against the baselines when they are
   given, else by mean rank over all metrics);
-* ``results.json``: the test metrics of the best checkpoint, Δm when baselines exist, wall time
-  and peak memory;
+* ``results.json``: the test metrics of the best checkpoint (under ``eval.protocol:
+  published``, the mean test metrics of the last ``eval.last_epochs`` epochs instead, see
+  :mod:`mtlcv.engine.protocol`), Δm when baselines exist, the protocol that produced them, wall
+  time and peak memory;
 * ``tb/``: TensorBoard scalars, when the ``tensorboard`` package is installed.
 
 Resuming (``resume=True``) restores ``last.pt`` and continues from the next epoch. Because the
@@ -46,6 +48,7 @@ from .checkpoint import (
     seed_everything,
     set_rng_state,
 )
+from .closures import StepContext, after_step, check_needs
 from .evaluate import Metrics, check_batch, evaluate, to_device
 from .experiment import (
     Experiment,
@@ -54,6 +57,15 @@ from .experiment import (
     build_scheduler,
     load_baselines,
     make_loader,
+    optimizer_groups,
+)
+from .metadata import describe as describe_model
+from .protocol import (
+    PUBLISHED,
+    check_baseline_protocol,
+    describe,
+    last_epochs_average,
+    tests_this_epoch,
 )
 
 #: keys of the config that may differ between a run and its resumption
@@ -124,13 +136,18 @@ class Trainer:
         self.names = list(cfg.tasks)
         self.model = self.exp.model
         self.balancer = self.exp.balancer
+        check_needs(self.balancer)  # a need no provider supplies fails now, not at step 1
         self.device = self.exp.device
-        params = [p for p in self.model.parameters() if p.requires_grad]
-        params += [p for p in self.balancer.parameters() if p.requires_grad]
-        self.optimizer = build_optimizer(cfg, params)
+        # the model's groups (e.g. cross-stitch units at a higher rate), then the balancer's
+        # learnable parameters (no weight decay)
+        self.optimizer = build_optimizer(cfg, optimizer_groups(self.model, self.balancer))
         self.scheduler = build_scheduler(cfg, self.optimizer)
         self.baselines = load_baselines(cfg.baselines) if cfg.baselines else None
         self.higher = {n: dict(t.higher_is_better) for n, t in self.tasks.items()}
+        # Δm only between numbers of one evaluation protocol (one line otherwise)
+        self.baseline_protocol = check_baseline_protocol(cfg) if self.baselines else None
+        # what the model is, stored in every checkpoint so that predict/export need nothing else
+        self.meta = describe_model(cfg, self.tasks, self.exp.datasets["val"], self.model)
         if self.baselines is not None:  # fail now, not after the first epoch
             for split, base in self.baselines.items():
                 missing = [t for t in self.names if t not in base]
@@ -176,6 +193,7 @@ class Trainer:
             "history": self.history,
             "best": self.best,
             "elapsed": self.elapsed,
+            "meta": self.meta,
         }
 
     def _load_state(self, path: Path) -> None:
@@ -259,6 +277,9 @@ class Trainer:
                 if extra is not None:
                     extra.backward()
                 self.optimizer.step()
+                # what the balancer asked for beyond the losses (FAMO: the same batch's losses
+                # after the update); nothing runs for a balancer without needs
+                step_logs = {**step_logs, **after_step(self.balancer, self._step_context(batch))}
                 sums += losses.detach().double().cpu()
                 for k, v in step_logs.items():
                     logs[k] = logs.get(k, 0.0) + float(v) / steps
@@ -283,6 +304,9 @@ class Trainer:
                 loss = loss + weight * task.loss(pred, batch[n])
             out.append(loss)
         return torch.stack(out)
+
+    def _step_context(self, batch: dict[str, Any]) -> StepContext:
+        return StepContext(batch, lambda b: self._losses(self.model(b["image"]), b))
 
     def _score(self, val: Metrics) -> dict[str, Any]:
         """Δm on val against the baselines, when they exist."""
@@ -319,7 +343,8 @@ class Trainer:
             start = time.perf_counter()
             train_losses, logs, steps = self.train_epoch()
             train_time = time.perf_counter() - start
-            val = evaluate(self.model, self.tasks, self.val_loader, self.device)
+            protocol = cfg.eval.protocol
+            val = evaluate(self.model, self.tasks, self.val_loader, self.device, protocol)
             kpis = [self.tasks[n].kpi(val[n]) for n in self.names]
             self.balancer.on_epoch_end(self.epoch, list(train_losses.values()), kpis)
             lr = self.optimizer.param_groups[0]["lr"]
@@ -334,12 +359,21 @@ class Trainer:
                 **score,
                 "balancer": logs,
             }
+            if tests_this_epoch(cfg, self.epoch):  # the published protocol's last epochs
+                record["test"] = evaluate(
+                    self.model, self.tasks, self.test_loader, self.device, protocol
+                )
             self.history.append(record)
             best = self._is_best(score)
             if best:
                 self.best = {"epoch": self.epoch, **score}
                 atomic_save(
-                    {"epoch": self.epoch, "model": self.model.state_dict(), "val": val},
+                    {
+                        "epoch": self.epoch,
+                        "model": self.model.state_dict(),
+                        "val": val,
+                        "meta": self.meta,
+                    },
                     self.out / "best.pt",
                 )
             self.elapsed += time.perf_counter() - start
@@ -362,8 +396,15 @@ class Trainer:
         """Test the best checkpoint and write results.json."""
         assert self.best is not None, "finish() before any epoch"
         best = load_checkpoint(self.out / "best.pt", map_location=self.device)
-        self.model.load_state_dict(best["model"])
-        test = evaluate(self.model, self.tasks, self.test_loader, self.device)
+        averaged = None
+        if self.cfg.eval.protocol == PUBLISHED:  # mean of the last epochs' test metrics
+            val, test, averaged = last_epochs_average(
+                self.history, self.epoch, self.cfg.eval.last_epochs
+            )
+            best = {**best, "val": val}
+        else:
+            self.model.load_state_dict(best["model"])
+            test = evaluate(self.model, self.tasks, self.test_loader, self.device)
         results: dict[str, Any] = {
             "name": self.cfg.name,
             "tasks": self.names,
@@ -372,7 +413,11 @@ class Trainer:
             "balancer": self.cfg.balancer.name,
             "best_epoch": self.best["epoch"],
             "epochs": self.epoch,
-            "selection": "delta_m" if self.baselines else "mean_rank",
+            "selection": (
+                f"mean of epochs {averaged[0]}-{averaged[-1]}" if averaged
+                else "delta_m" if self.baselines else "mean_rank"
+            ),
+            "protocol": describe(self.cfg, self.tasks, averaged),
             "val": best["val"],
             "test": test,
             "parameters": sum(p.numel() for p in self.model.parameters()),
@@ -390,6 +435,8 @@ class Trainer:
             results["baselines"] = self.cfg.baselines
             results["delta_m"] = {
                 "convention": "mean over all metrics, lower is better (CAGrad/Nash-MTL/FAMO)",
+                "protocol": self.cfg.eval.protocol,
+                "baseline_protocol": self.baseline_protocol,
                 "val": delta_m(
                     on_baseline_metrics(best["val"], self.baselines["val"]),
                     self.baselines["val"],

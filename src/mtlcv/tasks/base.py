@@ -18,7 +18,9 @@ problem, so that trainers, architectures and balancers never special-case a task
   both shapes when a dataset returns a target of the wrong shape, dtype or values;
 * ``postprocess(pred)``: raw head output -> the prediction the metric scores (for export);
 * ``kpi(metrics)``: a key performance indicator in [0, 1] (higher is better), used by Dynamic
-  Task Prioritization (Guo et al., ECCV 2018).
+  Task Prioritization (Guo et al., ECCV 2018);
+* ``published_aggregation``: ``"split"`` or ``"batch_mean"``, how the papers' published protocol
+  aggregates the metrics (``eval.protocol: published``, see :mod:`mtlcv.engine.protocol`).
 
 Batch contract (GUIDE.md): ``image`` float ``[B,3,H,W]``; ``semseg`` long ``[B,H,W]`` with
 255 = ignore; ``depth`` float ``[B,1,H,W]`` with 0 = missing; ``normals`` float ``[B,3,H,W]``
@@ -61,6 +63,11 @@ class Task(ABC):
     target_channels: int | None = 1
     #: True when the target holds integer labels, False when it holds floats
     integer_target: bool = False
+    #: how the published protocol (``eval.protocol: published``, :mod:`mtlcv.engine.protocol`)
+    #: aggregates this task's metrics: ``"split"`` (one computation over the whole split, as
+    #: here) or ``"batch_mean"`` (the mean over evaluation batches of per-batch values, as the
+    #: SegNet-MTAN papers' code does for depth and normals)
+    published_aggregation: str = "split"
 
     @abstractmethod
     def loss(self, pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor: ...
