@@ -1,4 +1,5 @@
-"""The ``mtlcv`` command line: train, eval, compare, predict, export, data, bench, list, demo.
+"""The ``mtlcv`` command line: train, eval, compare, predict, export, data, bench, classic,
+list, demo.
 
 Every user mistake (a bad config key, a missing file, a corrupt cache) is an
 :class:`~mtlcv.errors.MtlcvError`: the CLI prints its one line and exits with code 2, never a
@@ -237,6 +238,51 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_classic(args: argparse.Namespace) -> int:
+    from rich.table import Table
+
+    from .classic.compare import run
+
+    seeds = _int_list(args.seeds, "--seeds")
+    if len(seeds) < 2:
+        print("mtlcv classic: one seed gives no spread; use --seeds 0,1,2,3,4", file=sys.stderr)
+    result = run(args.method, args.dataset, seeds, train_size=args.train_size)
+    if args.out:
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.out).write_text(json.dumps(result, indent=2))
+    if args.json:
+        print(json.dumps(result, indent=2))
+        return 0
+    s = result["summary"]
+    table = Table(title=f"{result['dataset']} test split, {result['method']} "
+                  f"({result['family']}; {result['paper']}), mean ± std over seeds "
+                  f"{', '.join(map(str, seeds))}")
+    for col in ("task", "metric", "STL (same family)", "MTL", "vs STL", "ℓ2 reference"):
+        table.add_column(col, justify="left" if col in ("task", "metric") else "right")
+    for task, ms in result["higher_is_better"].items():
+        for m, hib in ms.items():
+            cell = {k: s[k][task][m] for k in ("stl", "mtl", "l2")}
+            rel = 100.0 * (cell["mtl"]["mean"] - cell["stl"]["mean"]) / cell["stl"]["mean"]
+            rel = rel if hib else -rel
+            table.add_row(task, f"{m} {'↑' if hib else '↓'}",
+                          *[f"{cell[k]['mean']:.4g} ± {cell[k]['std']:.2g}" for k in ("stl",
+                                                                                      "mtl")],
+                          f"{rel:+.1f}%", f"{cell['l2']['mean']:.4g} ± {cell['l2']['std']:.2g}")
+    dm = s["delta_m"]
+    table.add_section()
+    table.add_row("Δm (a) ↓", "vs STL", "", f"{dm['stl']['mean']:+.2f} ± {dm['stl']['std']:.2f}%",
+                  "", "")
+    table.add_row("Δm (a) ↓", "vs ℓ2", f"{dm['stl_vs_l2']['mean']:+.2f} ± "
+                  f"{dm['stl_vs_l2']['std']:.2f}%", f"{dm['l2']['mean']:+.2f} ± "
+                  f"{dm['l2']['std']:.2f}%", "", "")
+    con = _console()
+    con.print(table)
+    con.print("Δm: mean over every metric of the relative change against the baseline, signed so "
+              "that lower is better (negative: the multi-task model wins); per seed, then mean ± "
+              "std over seeds.")
+    return 0
+
+
 def cmd_predict(args: argparse.Namespace) -> int:
     from .inference import load
     from .inference.commands import predict_files, summary_line
@@ -378,6 +424,19 @@ def build_parser() -> argparse.ArgumentParser:
     )
     ls.set_defaults(func=cmd_list)
 
+    cl = sub.add_parser("classic", help="a classic MTL method vs single-task models, over seeds")
+    cl.add_argument("--method", required=True,
+                    help="network (Caruana 1997), l21 (feature selection), trace (low rank) or "
+                    "instance (Bickel et al. 2008)")
+    cl.add_argument("--dataset", required=True,
+                    help="digits, linnerud, diabetes (bundled with scikit-learn), sparse or "
+                    "lowrank (synthetic)")
+    cl.add_argument("--seeds", default="0,1,2,3,4", help="comma-separated seeds (default 0-4)")
+    cl.add_argument("--train-size", type=float, default=None,
+                    help="training fraction (real data) or samples per task (synthetic)")
+    cl.add_argument("--out", help="also write the full result (every seed) to this JSON file")
+    cl.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    cl.set_defaults(func=cmd_classic)
     pr = sub.add_parser("predict", help="run a trained model on your images; write every task")
     _add_source(pr)
     pr.add_argument(
