@@ -93,7 +93,7 @@ def test_task_losses_are_the_trainers_losses_deep_supervision_included(small_cfg
 
     small_cfg["model"]["arch"] = "padnet"
     trainer = Trainer(from_dict(small_cfg), tmp_path / "run")
-    batch = next(iter(torch.utils.data.DataLoader(trainer.exp.datasets["train"], batch_size=4)))
+    batch = next(iter(mtlcv.create_loader(trainer.exp.datasets["train"], batch_size=4)))
     preds = trainer.model(batch["image"])
     assert trainer.model.deep_supervision()  # PAD-Net has intermediate predictions to add
     ours = mtlcv.task_losses(trainer.tasks, preds, batch, trainer.model)

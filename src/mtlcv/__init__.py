@@ -30,11 +30,13 @@ _EXPORTS: dict[str, str] = {
     "create_model": "mtlcv.api",
     "create_balancer": "mtlcv.api",
     "create_dataset": "mtlcv.api",
+    "create_loader": "mtlcv.api",
     "task_losses": "mtlcv.api",
     "evaluate": "mtlcv.api",
     "load_config": "mtlcv.api",
     "train": "mtlcv.api",
-    # "load": loading a trained run for prediction comes with the inference package
+    # a trained run, ready to predict (mtlcv/inference)
+    "load": "mtlcv.inference",
     # numbers
     "delta_m": "mtlcv.analysis.delta_m",
     "mean_rank": "mtlcv.analysis.delta_m",
@@ -64,10 +66,12 @@ __all__ = [
     "create_model",
     "create_balancer",
     "create_dataset",
+    "create_loader",
     "task_losses",
     "evaluate",
     "load_config",
     "train",
+    "load",
     "delta_m",
     "mean_rank",
     "ExperimentConfig",
@@ -105,6 +109,7 @@ if TYPE_CHECKING:  # for type checkers and IDEs; at run time the names load lazi
         available,
         create_balancer,
         create_dataset,
+        create_loader,
         create_model,
         create_task,
         create_tasks,
@@ -117,5 +122,6 @@ if TYPE_CHECKING:  # for type checkers and IDEs; at run time the names load lazi
     from .config import ExperimentConfig
     from .data.base import MTLDataset
     from .errors import CheckpointError, ConfigError, DataError, MtlcvError
+    from .inference import load
     from .models.base import Backbone, MultiTaskModel
     from .tasks.base import Metric, Task

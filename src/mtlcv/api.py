@@ -37,6 +37,7 @@ __all__ = [
     "available",
     "create_balancer",
     "create_dataset",
+    "create_loader",
     "create_model",
     "create_task",
     "create_tasks",
@@ -161,6 +162,19 @@ def create_dataset(
         augment=augment,
         **options,
     )
+
+
+def create_loader(dataset: Any, batch_size: int = 8, shuffle: bool = False,
+                  **kwargs: Any) -> torch.utils.data.DataLoader:
+    """A ``torch.utils.data.DataLoader`` over ``dataset`` that batches every target, those that
+    are not fixed-size tensors too (detection boxes pad themselves: :func:`mtlcv.data.collate`).
+    ``kwargs`` go to the DataLoader (``num_workers``, ``drop_last``, ``generator``...)."""
+    from torch.utils.data import DataLoader
+
+    from .data.base import collate
+
+    kwargs.setdefault("collate_fn", collate)
+    return DataLoader(dataset, batch_size=batch_size, shuffle=shuffle, **kwargs)
 
 
 def task_losses(

@@ -7,8 +7,10 @@ The layout is detected from ``PATH`` (or given as ``kind``, a dataset name):
 * ``nyuv2-mat`` — ``nyu_depth_v2_labeled.mat`` (or a folder holding it), plus ``splits.mat``
   next to it when present;
 * ``nyuv2-fixture`` — the fixture folder or its ``nyuv2_mini_real.npz``;
-* ``scenes`` — a scenes cache (``meta.json`` + ``train/val/test.npz``, written by
-  ``mtlcv data scenes`` or on first use).
+* ``scenes`` — a scenes cache folder (``meta.json`` + ``{train,val,test}.npz``, written by
+  ``mtlcv data scenes`` or on first use): every split loads with the shapes meta.json gives,
+  labels, depth, normals, edges and room types hold valid values, and every detection box has
+  a positive width and height, finite coordinates inside the image and a class in [0, 10).
 
 Every file is read: layout, counts (the same indices in every modality), shapes, dtypes and
 value ranges (depth finite and ≥ 0, normals of length 1 or 0, labels in [0, 13) or ignore).
@@ -41,6 +43,8 @@ def detect(path: Path) -> str | None:
     """The layout ``path`` looks like, or None."""
     if path.is_file():
         return {".mat": "nyuv2-mat", ".npz": "nyuv2-fixture"}.get(path.suffix)
+    if (path / "meta.json").is_file() and (path / "train.npz").is_file():
+        return "scenes"
     if (path / "train").is_dir() or (path / "val").is_dir():
         return "nyuv2"
     if (path / FILE).is_file():
@@ -48,7 +52,7 @@ def detect(path: Path) -> str | None:
     if (path / "nyu_depth_v2_labeled.mat").is_file():
         return "nyuv2-mat"
     if (path / "meta.json").is_file() or any((path / f"{s}.npz").is_file() for s in SCENES_SPLITS):
-        return "scenes"
+        return "scenes"  # an incomplete cache: the check says what is missing
     return None
 
 
@@ -143,8 +147,9 @@ def _mat(path: Path) -> tuple[list[str], str]:
 
 
 def _scenes(root: Path) -> tuple[list[str], str]:
-    """A scenes cache: meta.json, every split's arrays (shapes) and their values."""
-    from .scenes import ROOM_TYPES, _load_split, _read_meta
+    """A scenes cache: meta.json, every split's arrays (shapes), their values and the boxes."""
+    from ..tasks.detection import check_boxes
+    from .scenes import DET_CLASSES, ROOM_TYPES, _load_split, _read_meta
 
     if root.is_file():
         root = root.parent
@@ -152,7 +157,8 @@ def _scenes(root: Path) -> tuple[list[str], str]:
         meta = _read_meta(root)
     except DataError as e:
         return [str(e)], "scenes cache"
-    problems, counts = [], []
+    h, w = meta["size"]
+    problems, counts, total = [], [], 0
     classes = len(meta.get("classes", ())) or 13
     for split in SCENES_SPLITS:
         try:
@@ -180,9 +186,17 @@ def _scenes(root: Path) -> tuple[list[str], str]:
         rooms = a["classification"]
         if rooms.size and (rooms.min() < 0 or rooms.max() >= len(ROOM_TYPES)):
             problems.append(f"{where}: room type outside [0, {len(ROOM_TYPES)})")
-    h, w = meta["size"]
+        ends = np.cumsum(a["box_count"])
+        for i, (start, stop) in enumerate(zip(ends - a["box_count"], ends)):
+            boxes, labels = a["boxes"][start:stop], a["box_class"][start:stop]
+            at = f"{where} image {i}"
+            problems += check_boxes(boxes, labels, len(DET_CLASSES), at)
+            outside = (boxes[:, :2] < 0).any(1) | (boxes[:, 2] > w) | (boxes[:, 3] > h)
+            problems += [f"{at}: box {j} {boxes[j].tolist()} leaves the {h}x{w} image"
+                         for j in np.flatnonzero(outside)]
+        total += len(a["boxes"])
     summary = (f"scenes cache, {meta['n']} images at {h}×{w}, seed {meta['seed']}; "
-               f"{', '.join(counts) or 'no split readable'}")
+               f"{', '.join(counts) or 'no split readable'}; {total} boxes")
     return problems, summary
 
 

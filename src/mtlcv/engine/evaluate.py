@@ -1,7 +1,9 @@
 """Evaluation over a whole split with streaming metrics.
 
 Every task's metric accumulates over all batches of the split and is computed once at the end,
-so the numbers do not depend on batch size or order (see :mod:`mtlcv.tasks.base`).
+so the numbers do not depend on batch size or order (see :mod:`mtlcv.tasks.base`). With
+``protocol="published"`` the tasks that the papers' code averages over batches do so instead
+(see :mod:`mtlcv.engine.protocol`).
 """
 
 from __future__ import annotations
@@ -51,6 +53,7 @@ def evaluate(
     tasks: Mapping[str, Task],
     loader: Iterable[Mapping[str, Any]],
     device: torch.device,
+    protocol: str = "exact",
     progress: str | None = None,
 ) -> Metrics:
     """Run ``model`` over ``loader``; return ``{task: {metric: value}}`` over the whole split.
@@ -58,9 +61,11 @@ def evaluate(
     ``progress``: a description (e.g. ``"val"``) shows a progress bar over the batches when
     stdout is a terminal; None shows nothing.
     """
+    from .protocol import new_metric
+
     was_training = model.training
     model.eval()
-    metrics = {name: task.new_metric() for name, task in tasks.items()}
+    metrics = {name: new_metric(task, protocol) for name, task in tasks.items()}
     checked = False
     bar = _progress_bar(progress, len(loader) if hasattr(loader, "__len__") else None)
     if bar is not None:
