@@ -284,11 +284,12 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--seed", type=int, default=0)
     s.add_argument("--out", required=True, help="cache folder to write")
     s.set_defaults(func=cmd_data_scenes)
-    c = dsub.add_parser("check", help="validate a NYUv2 folder or file; names every bad file")
-    c.add_argument("path", help="dataset folder (.npy layout), .mat file or fixture folder/npz")
+    c = dsub.add_parser("check", help="validate a dataset folder or file; names every bad file")
+    c.add_argument("path", help="dataset folder, NYUv2 .mat file or fixture folder/npz")
     c.add_argument(
         "--kind",
-        choices=("nyuv2", "nyuv2-mat", "nyuv2-fixture"),
+        choices=("nyuv2", "nyuv2-mat", "nyuv2-fixture", "cityscapes", "cityscapes-official",
+                 "pascal-context", "office-31", "office-home"),
         help="layout (default: detected from PATH)",
     )
     c.set_defaults(func=cmd_data_check)

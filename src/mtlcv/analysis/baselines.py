@@ -12,6 +12,10 @@ them before :func:`~mtlcv.analysis.delta_m.delta_m` (e.g. ``nyuv2-segnet-stl`` h
   Descent for Multi-task Learning" (CAGrad), NeurIPS 2021, NYU-v2 results table, row
   "Independent"; the same row is the STL baseline of Nash-MTL (Navon et al., ICML 2022) and
   FAMO (Liu et al., NeurIPS 2023), whose Δm values are relative to it.
+* ``cityscapes-segnet-stl``: independent single-task SegNet models on Cityscapes (7 classes +
+  depth, 128×256, the mtan protocol), from the same CAGrad paper's Cityscapes results table, row
+  "Independent", also the STL row of Nash-MTL and FAMO. Depth errors are on the preprocessed
+  release's own depth encoding; ``rel_err`` is printed as the paper prints it.
 """
 
 from __future__ import annotations
@@ -31,6 +35,10 @@ BASELINES: dict[str, dict[str, dict[str, float]]] = {
             "within_22.5": 57.20,
             "within_30": 69.15,
         },
+    },
+    "cityscapes-segnet-stl": {
+        "semseg": {"miou": 74.01, "pixel_acc": 93.16},
+        "depth": {"abs_err": 0.0125, "rel_err": 27.77},
     },
 }
 

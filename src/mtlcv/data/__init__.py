@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from . import nyuv2, scenes  # noqa: F401  (register)
+from . import cityscapes, nyuv2, office, pascal_context, scenes  # noqa: F401  (register)
 from .base import MTLDataset
 from .scenes import ScenesDataset, render, write_cache
 
