@@ -286,3 +286,29 @@ def test_office_trains_through_the_trainer(tmp_path):
     assert set(res["test"]) == {"amazon", "dslr", "webcam"}
     assert all(0 <= m["accuracy"] <= 100 for m in res["test"].values())
     assert res["higher_is_better"]["dslr"] == {"accuracy": True}
+
+
+@pytest.mark.parametrize("name", [
+    "cityscapes/segnet_mtan.yaml", "cityscapes/libmtl_resnet50_hps.yaml",
+    "pascal/survey_resnet18_hps.yaml", "office/libmtl_office31.yaml",
+])
+def test_published_protocol_configs_build(name):
+    from mtlcv.config import load
+    from mtlcv.data.pascal_context import PascalContext
+    from mtlcv.models import build_model
+
+    cfg = load(Path(__file__).resolve().parents[1] / "configs" / name)
+    kinds = {"human_parts": "semseg", **{d: "classification" for d in ("amazon", "dslr", "webcam")}}
+    opts = {**PascalContext.task_options,
+            **{d: {"num_classes": 31} for d in kinds if d != "human_parts"}}
+    if cfg.data.name.startswith("cityscapes"):
+        opts = {"semseg": {"num_classes": 7}}
+    tasks = {t: TASKS.create(kinds.get(t, t), **opts.get(t, {})) for t in cfg.tasks}
+    backbone = {"name": "tiny", "width": 4} if cfg.model.backbone["name"] != "segnet" else {
+        "name": "segnet", "width": 4}
+    model = build_model(cfg.model.arch, tasks, backbone, cfg.model.head, cfg.model.options)
+    assert list(model(torch.rand(2, 3, 32, 32))) == cfg.tasks
+    if cfg.baselines:
+        from mtlcv.analysis.baselines import get_baseline
+
+        assert set(get_baseline(cfg.baselines)) == set(cfg.tasks)
