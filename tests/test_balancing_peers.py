@@ -360,20 +360,25 @@ def test_single_task_is_plain_gradient_descent():
         np.testing.assert_allclose(d.numpy(), G[0].numpy(), rtol=1e-5, err_msg=name)
 
 
+@pytest.mark.parametrize("mode", ["param", "rep"])
 @pytest.mark.parametrize("name", GRADIENT)
-def test_backward_on_a_model_writes_the_aggregate_of_the_exact_jacobian(name):
+def test_backward_on_a_model_writes_the_aggregate_of_the_exact_jacobian(name, mode):
     opts = {"max_norm": 0.0} if name in ("fairgrad", "sdmgrad") else {}
     torch.manual_seed(0)
     model = TinyHPS()
     x, targets = make_batch()
-    b = balancing.create(name, num_tasks=3, **opts)
+    b = balancing.create(name, num_tasks=3, mode=mode, **opts)
     ref = copy.deepcopy(b)
     model.zero_grad(set_to_none=True)
     b.backward(losses_of(model, x, targets), model)
     got = torch.cat([p.grad.flatten() for p in model.trunk.parameters()])
     raw = losses_of(model, x, targets)
-    G_ref, heads_ref = reference(model, raw, "param")
+    G_ref, heads_ref = reference(model, raw, mode)
     d = ref.aggregate(G_ref, raw.detach())
+    if mode == "rep":  # the representation's update, backpropagated through the trunk
+        d = torch.cat([g.flatten() for g in torch.autograd.grad(
+            model.representation, list(model.trunk.parameters()),
+            d.view_as(model.representation).to(model.representation), retain_graph=True)])
     torch.testing.assert_close(got, d.to(got), rtol=1e-4, atol=1e-6)
     coeffs = ref.last_weights if b.scale_task_params else torch.ones(3)
     for t, head in enumerate(model.heads.values()):
