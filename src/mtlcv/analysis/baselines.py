@@ -14,8 +14,9 @@ them before :func:`~mtlcv.analysis.delta_m.delta_m` (e.g. ``nyuv2-segnet-stl`` h
   FAMO (Liu et al., NeurIPS 2023), whose Δm values are relative to it.
 * ``cityscapes-segnet-stl``: independent single-task SegNet models on Cityscapes (7 classes +
   depth, 128×256, the mtan protocol), from the same CAGrad paper's Cityscapes results table, row
-  "Independent", also the STL row of Nash-MTL and FAMO. Depth errors are on the preprocessed
-  release's own depth encoding; ``rel_err`` is printed as the paper prints it.
+  "Independent", also the STL row of Nash-MTL and the Δm base of FAMO's code
+  (``experiments/cityscapes/utils.py``: 0.7401, 0.9316, 0.0125, 27.77). Depth errors are on the
+  preprocessed release's own depth encoding; ``rel_err`` is the mean relative error as printed.
 """
 
 from __future__ import annotations
