@@ -1,4 +1,4 @@
-"""ExcessMTL: robust multi-task learning with excess risks (He, Zhou, Zhao & Zhang, ICML 2024)."""
+"""ExcessMTL: robust multi-task learning with excess risks (He et al., ICML 2024)."""
 
 from __future__ import annotations
 
