@@ -10,7 +10,10 @@ The layout is detected from ``PATH`` (or given as ``kind``, a dataset name):
 * ``cityscapes`` (the preprocessed ``.npy`` release), ``cityscapes-official`` (the
   ``leftImg8bit/gtFine/disparity`` folders), ``pascal-context`` (the survey's ``PASCAL_MT``),
   ``office-31`` and ``office-home`` (image folders): every sample of every split is read through
-  the dataset's own loader, whose checks name the file (:func:`_samples`).
+  the dataset's own loader, whose checks name the file (:func:`_samples`);
+* ``scenes`` — a scenes cache folder (``meta.json`` + ``{train,val,test}.npz``): every split
+  loads, and every detection box has a positive width and height, finite coordinates inside
+  the image and a class in [0, 10).
 
 Every file is read: layout, counts (the same indices in every modality), shapes, dtypes and
 value ranges (depth finite and ≥ 0, normals of length 1 or 0, labels in [0, 13) or ignore).
@@ -32,8 +35,8 @@ from .nyuv2.folder import FOLDERS, LAYOUT, list_indices
 from .nyuv2.mat import NUM_RAW_CLASSES, check_labeled_file, load_splits
 from .office import DOMAINS
 
-KINDS = ("nyuv2", "nyuv2-mat", "nyuv2-fixture", "cityscapes", "cityscapes-official",
-         "pascal-context", "office-31", "office-home")
+KINDS = ("nyuv2", "nyuv2-mat", "nyuv2-fixture", "scenes", "cityscapes",
+         "cityscapes-official", "pascal-context", "office-31", "office-home")
 #: share of valid normal pixels allowed a length that is neither 0 nor 1 (± 0.1): resized
 #: releases blend a few pixels at the border of missing regions
 NORMAL_TOLERANCE = 0.01
@@ -45,6 +48,8 @@ def detect(path: Path) -> str | None:
     """The layout ``path`` looks like, or None."""
     if path.is_file():
         return {".mat": "nyuv2-mat", ".npz": "nyuv2-fixture"}.get(path.suffix)
+    if (path / "meta.json").is_file() and (path / "train.npz").is_file():
+        return "scenes"
     if (path / "leftImg8bit").is_dir() or (path / "gtFine").is_dir():
         return "cityscapes-official"
     if (path / "JPEGImages").is_dir() and (path / "ImageSets").is_dir():
@@ -234,6 +239,35 @@ def _samples(kind: str, path: Path) -> tuple[list[str], str]:
     return problems, f"{kind} layout, samples: {', '.join(counts) or 'none'}"
 
 
+def _scenes(root: Path) -> tuple[list[str], str]:
+    from ..tasks.detection import check_boxes
+    from .scenes import DET_CLASSES, SPLITS, _load_split, _read_meta
+
+    try:
+        meta = _read_meta(root)
+    except DataError as e:
+        return [str(e)], "scenes cache"
+    h, w = meta["size"]
+    problems, total = [], 0
+    for split in SPLITS:
+        try:
+            a = _load_split(root, split, meta)
+        except DataError as e:
+            problems.append(str(e))
+            continue
+        ends = np.cumsum(a["box_count"])
+        for i, (start, stop) in enumerate(zip(ends - a["box_count"], ends)):
+            boxes, labels = a["boxes"][start:stop], a["box_class"][start:stop]
+            where = f"{root / (split + '.npz')} image {i}"
+            problems += check_boxes(boxes, labels, len(DET_CLASSES), where)
+            outside = (boxes[:, :2] < 0).any(1) | (boxes[:, 2] > w) | (boxes[:, 3] > h)
+            problems += [f"{where}: box {j} {boxes[j].tolist()} leaves the {h}x{w} image"
+                         for j in np.flatnonzero(outside)]
+        total += len(a["boxes"])
+    n = meta["n"]
+    return problems, f"scenes cache, {n} images at {h}×{w}, {total} boxes"
+
+
 def _check(path: str | Path, kind: str | None) -> tuple[list[str], str]:
     path = Path(path).expanduser()
     if kind is not None and kind not in KINDS:
@@ -244,10 +278,10 @@ def _check(path: str | Path, kind: str | None) -> tuple[list[str], str]:
     if kind is None:
         return [
             f"{path}: cannot tell the layout; expected a folder with train/ and val/ ({LAYOUT}), "
-            f"nyu_depth_v2_labeled.mat, the fixture's {FILE}, Cityscapes, PASCAL-Context or "
-            "Office folders (or give --kind)"
+            f"nyu_depth_v2_labeled.mat, the fixture's {FILE}, a scenes cache, Cityscapes, "
+            "PASCAL-Context or Office folders (or give --kind)"
         ], "nothing checked"
-    checks = {"nyuv2": _folder, "nyuv2-mat": _mat, "nyuv2-fixture": _fixture}
+    checks = {"nyuv2": _folder, "nyuv2-mat": _mat, "nyuv2-fixture": _fixture, "scenes": _scenes}
     if kind in checks:
         return checks[kind](path)
     return _samples(kind, path)

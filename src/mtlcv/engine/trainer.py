@@ -11,9 +11,12 @@ A run directory holds:
 * ``last.pt``: everything needed to continue exactly (model, optimizer, scheduler, balancer,
   RNG states, position, history), written atomically after every epoch;
 * ``best.pt``: the model of the best epoch on val (by Δm against the baselines when they are
-  given, else by mean rank over all metrics);
-* ``results.json``: the test metrics of the best checkpoint, Δm when baselines exist, wall time
-  and peak memory;
+  given, else by mean rank over all metrics), both over the main tasks: auxiliary tasks
+  (config ``aux_tasks``) are trained and balanced but never selected on;
+* ``results.json``: the test metrics of the best checkpoint (under ``eval.protocol:
+  published``, the mean test metrics of the last ``eval.last_epochs`` epochs instead, see
+  :mod:`mtlcv.engine.protocol`), Δm when baselines exist, the protocol that produced them, wall
+  time and peak memory;
 * ``tb/``: TensorBoard scalars, when the ``tensorboard`` package is installed.
 
 Resuming (``resume=True``) restores ``last.pt`` and continues from the next epoch. Because the
@@ -35,7 +38,7 @@ from typing import Any
 
 import torch
 
-from ..analysis import delta_m, mean_rank, on_baseline_metrics
+from ..analysis import delta_m, main_metrics, mean_rank, on_baseline_metrics
 from ..config import ExperimentConfig, dump, load, to_dict
 from ..errors import CheckpointError, ConfigError, TrainingError
 from .checkpoint import (
@@ -46,6 +49,7 @@ from .checkpoint import (
     seed_everything,
     set_rng_state,
 )
+from .closures import StepContext, after_step, check_needs
 from .evaluate import Metrics, check_batch, evaluate, to_device
 from .experiment import (
     Experiment,
@@ -54,6 +58,15 @@ from .experiment import (
     build_scheduler,
     load_baselines,
     make_loader,
+    optimizer_groups,
+)
+from .metadata import describe as describe_model
+from .protocol import (
+    PUBLISHED,
+    check_baseline_protocol,
+    describe,
+    last_epochs_average,
+    tests_this_epoch,
 )
 
 #: keys of the config that may differ between a run and its resumption
@@ -122,25 +135,32 @@ class Trainer:
         self.exp: Experiment = build(cfg)
         self.tasks = self.exp.tasks
         self.names = list(cfg.tasks)
+        #: the tasks model selection and Δm look at (all but the auxiliary ones)
+        self.main = [n for n in self.names if n not in cfg.aux_tasks]
         self.model = self.exp.model
         self.balancer = self.exp.balancer
+        check_needs(self.balancer)  # a need no provider supplies fails now, not at step 1
         self.device = self.exp.device
-        params = [p for p in self.model.parameters() if p.requires_grad]
-        params += [p for p in self.balancer.parameters() if p.requires_grad]
-        self.optimizer = build_optimizer(cfg, params)
+        # the model's groups (e.g. cross-stitch units at a higher rate), then the balancer's
+        # learnable parameters (no weight decay)
+        self.optimizer = build_optimizer(cfg, optimizer_groups(self.model, self.balancer))
         self.scheduler = build_scheduler(cfg, self.optimizer)
         self.baselines = load_baselines(cfg.baselines) if cfg.baselines else None
         self.higher = {n: dict(t.higher_is_better) for n, t in self.tasks.items()}
+        # Δm only between numbers of one evaluation protocol (one line otherwise)
+        self.baseline_protocol = check_baseline_protocol(cfg) if self.baselines else None
+        # what the model is, stored in every checkpoint so that predict/export need nothing else
+        self.meta = describe_model(cfg, self.tasks, self.exp.datasets["val"], self.model)
         if self.baselines is not None:  # fail now, not after the first epoch
             for split, base in self.baselines.items():
-                missing = [t for t in self.names if t not in base]
+                missing = [t for t in self.main if t not in base]
                 if missing:
                     raise ConfigError(
                         f"config key 'baselines': {cfg.baselines!r} has no {split} metrics for "
                         f"task {', '.join(missing)}"
                     )
                 try:
-                    delta_m({t: base[t] for t in self.names}, base, self.higher)
+                    delta_m({t: base[t] for t in self.main}, base, self.higher)
                 except ConfigError as exc:
                     raise ConfigError(f"config key 'baselines' ({cfg.baselines}): {exc}") from None
         self.val_loader = make_loader(cfg, self.exp.datasets["val"], train=False)
@@ -176,6 +196,7 @@ class Trainer:
             "history": self.history,
             "best": self.best,
             "elapsed": self.elapsed,
+            "meta": self.meta,
         }
 
     def _load_state(self, path: Path) -> None:
@@ -259,6 +280,9 @@ class Trainer:
                 if extra is not None:
                     extra.backward()
                 self.optimizer.step()
+                # what the balancer asked for beyond the losses (FAMO: the same batch's losses
+                # after the update); nothing runs for a balancer without needs
+                step_logs = {**step_logs, **after_step(self.balancer, self._step_context(batch))}
                 sums += losses.detach().double().cpu()
                 for k, v in step_logs.items():
                     logs[k] = logs.get(k, 0.0) + float(v) / steps
@@ -284,12 +308,21 @@ class Trainer:
             out.append(loss)
         return torch.stack(out)
 
+    def _step_context(self, batch: dict[str, Any]) -> StepContext:
+        return StepContext(batch, lambda b: self._losses(self.model(b["image"]), b))
+
+    def _delta_m(self, metrics: Metrics, split: str) -> float:
+        """Δm of the main tasks against the baselines of ``split``."""
+        assert self.baselines is not None
+        base = self.baselines[split]
+        main = main_metrics(metrics, self.cfg.aux_tasks)
+        return delta_m(on_baseline_metrics(main, base), base, self.higher)
+
     def _score(self, val: Metrics) -> dict[str, Any]:
         """Δm on val against the baselines, when they exist."""
         if self.baselines is None:
             return {}
-        base = self.baselines["val"]
-        return {"delta_m": delta_m(on_baseline_metrics(val, base), base, self.higher)}
+        return {"delta_m": self._delta_m(val, "val")}
 
     def _is_best(self, score: dict[str, Any]) -> bool:
         if self.best is None:
@@ -297,7 +330,8 @@ class Trainer:
         if "delta_m" in score:
             return score["delta_m"] < self.best["delta_m"]
         # mean rank over all epochs so far; compare this epoch with the kept best one
-        ranks = mean_rank([h["val"] for h in self.history], self.higher)
+        aux = self.cfg.aux_tasks
+        ranks = mean_rank([main_metrics(h["val"], aux) for h in self.history], self.higher)
         return ranks[-1] < ranks[self.best["epoch"] - 1]
 
     # ------------------------------------------------------------------ run
@@ -319,7 +353,8 @@ class Trainer:
             start = time.perf_counter()
             train_losses, logs, steps = self.train_epoch()
             train_time = time.perf_counter() - start
-            val = evaluate(self.model, self.tasks, self.val_loader, self.device)
+            protocol = cfg.eval.protocol
+            val = evaluate(self.model, self.tasks, self.val_loader, self.device, protocol)
             kpis = [self.tasks[n].kpi(val[n]) for n in self.names]
             self.balancer.on_epoch_end(self.epoch, list(train_losses.values()), kpis)
             lr = self.optimizer.param_groups[0]["lr"]
@@ -334,12 +369,21 @@ class Trainer:
                 **score,
                 "balancer": logs,
             }
+            if tests_this_epoch(cfg, self.epoch):  # the published protocol's last epochs
+                record["test"] = evaluate(
+                    self.model, self.tasks, self.test_loader, self.device, protocol
+                )
             self.history.append(record)
             best = self._is_best(score)
             if best:
                 self.best = {"epoch": self.epoch, **score}
                 atomic_save(
-                    {"epoch": self.epoch, "model": self.model.state_dict(), "val": val},
+                    {
+                        "epoch": self.epoch,
+                        "model": self.model.state_dict(),
+                        "val": val,
+                        "meta": self.meta,
+                    },
                     self.out / "best.pt",
                 )
             self.elapsed += time.perf_counter() - start
@@ -362,17 +406,29 @@ class Trainer:
         """Test the best checkpoint and write results.json."""
         assert self.best is not None, "finish() before any epoch"
         best = load_checkpoint(self.out / "best.pt", map_location=self.device)
-        self.model.load_state_dict(best["model"])
-        test = evaluate(self.model, self.tasks, self.test_loader, self.device)
+        averaged = None
+        if self.cfg.eval.protocol == PUBLISHED:  # mean of the last epochs' test metrics
+            val, test, averaged = last_epochs_average(
+                self.history, self.epoch, self.cfg.eval.last_epochs
+            )
+            best = {**best, "val": val}
+        else:
+            self.model.load_state_dict(best["model"])
+            test = evaluate(self.model, self.tasks, self.test_loader, self.device)
         results: dict[str, Any] = {
             "name": self.cfg.name,
             "tasks": self.names,
+            "aux_tasks": list(self.cfg.aux_tasks),
             "higher_is_better": self.higher,
             "arch": self.cfg.model.arch,
             "balancer": self.cfg.balancer.name,
             "best_epoch": self.best["epoch"],
             "epochs": self.epoch,
-            "selection": "delta_m" if self.baselines else "mean_rank",
+            "selection": (
+                f"mean of epochs {averaged[0]}-{averaged[-1]}" if averaged
+                else "delta_m" if self.baselines else "mean_rank"
+            ),
+            "protocol": describe(self.cfg, self.tasks, averaged),
             "val": best["val"],
             "test": test,
             "parameters": sum(p.numel() for p in self.model.parameters()),
@@ -390,18 +446,12 @@ class Trainer:
             results["baselines"] = self.cfg.baselines
             results["delta_m"] = {
                 "convention": "mean over all metrics, lower is better (CAGrad/Nash-MTL/FAMO)",
-                "val": delta_m(
-                    on_baseline_metrics(best["val"], self.baselines["val"]),
-                    self.baselines["val"],
-                    self.higher,
-                ),
-                "test": delta_m(
-                    on_baseline_metrics(test, self.baselines["test"]),
-                    self.baselines["test"],
-                    self.higher,
-                ),
+                "protocol": self.cfg.eval.protocol,
+                "baseline_protocol": self.baseline_protocol,
+                "val": self._delta_m(best["val"], "val"),
+                "test": self._delta_m(test, "test"),
                 "metrics": {
-                    t: sorted(ms) for t, ms in self.baselines["test"].items() if t in self.tasks
+                    t: sorted(ms) for t, ms in self.baselines["test"].items() if t in self.main
                 },
             }
         atomic_write_text(json.dumps(results, indent=2), self.out / "results.json")

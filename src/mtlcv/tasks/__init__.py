@@ -8,6 +8,7 @@ from ..registry import TASKS
 from . import (  # noqa: F401  (register)
     classification,
     depth,
+    detection,
     edges,
     normals,
     saliency,
