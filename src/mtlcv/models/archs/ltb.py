@@ -87,7 +87,9 @@ class LearningToBranch(MultiTaskModel):
         if not self.training:
             return F.one_hot(self.logits.argmax(-1), T).to(self.logits.dtype)
         if int(self.steps) < self.warmup_steps:
-            return torch.full_like(self.logits, 1.0 / T)
+            # the mean of the parents; through the logits (times 0) so that they get a (zero)
+            # gradient like every other parameter, as an optimizer expects
+            return torch.softmax(self.logits * 0.0, -1)
         return F.gumbel_softmax(self.logits, tau=self.temperature(), hard=True, dim=-1)
 
     def shared_parameters(self) -> Iterator[nn.Parameter]:
