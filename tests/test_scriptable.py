@@ -241,4 +241,4 @@ def test_data_check_recognises_a_scenes_cache(tmp_path, capsys):
     assert main(["data", "check", str(root)]) == 2
     assert "holds no complete scenes cache (no meta.json)" in capsys.readouterr().out
     assert main(["data", "check", str(tmp_path)]) == 2  # no layout at all names scenes too
-    assert "or a scenes cache" in capsys.readouterr().out
+    assert "a scenes cache" in capsys.readouterr().out

@@ -420,14 +420,15 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--out", required=True, help="cache folder to write")
     s.set_defaults(func=cmd_data_scenes)
     c = dsub.add_parser(
-        "check", help="validate a NYUv2 folder or file or a scenes cache; names every bad file"
+        "check", help="validate a dataset folder or file or a scenes cache; names every bad file"
     )
     c.add_argument(
-        "path", help="dataset folder (.npy layout), .mat file, fixture folder/npz, scenes cache"
+        "path", help="dataset folder, NYUv2 .mat file, fixture folder/npz or scenes cache"
     )
     c.add_argument(
         "--kind",
-        choices=("nyuv2", "nyuv2-mat", "nyuv2-fixture", "scenes"),
+        choices=("nyuv2", "nyuv2-mat", "nyuv2-fixture", "scenes", "cityscapes",
+                 "cityscapes-official", "pascal-context", "office-31", "office-home"),
         help="layout (default: detected from PATH)",
     )
     c.set_defaults(func=cmd_data_check)

@@ -16,6 +16,11 @@ them before :func:`~mtlcv.analysis.delta_m.delta_m` (e.g. ``nyuv2-segnet-stl`` h
   from CAGrad", as fractions). Measured under the papers' published protocol (depth and normals
   averaged over test batches of 2, mean of the last 10 epochs; see
   :mod:`mtlcv.engine.protocol`): Δm against it needs ``eval.protocol: published``.
+* ``cityscapes-segnet-stl``: independent single-task SegNet models on Cityscapes (7 classes +
+  depth, 128×256, the mtan protocol), from the same CAGrad paper's Cityscapes results table, row
+  "Independent", also the STL row of Nash-MTL and the Δm base of FAMO's code
+  (``experiments/cityscapes/utils.py``: 0.7401, 0.9316, 0.0125, 27.77). Depth errors are on the
+  preprocessed release's own depth encoding; ``rel_err`` is the mean relative error as printed.
 
 Every named baseline declares its evaluation protocol in :data:`PROTOCOLS`.
 """
@@ -38,11 +43,15 @@ BASELINES: dict[str, dict[str, dict[str, float]]] = {
             "within_30": 69.15,
         },
     },
+    "cityscapes-segnet-stl": {
+        "semseg": {"miou": 74.01, "pixel_acc": 93.16},
+        "depth": {"abs_err": 0.0125, "rel_err": 27.77},
+    },
 }
 
 
 #: the evaluation protocol each named baseline was measured under (mtlcv.engine.protocol)
-PROTOCOLS: dict[str, str] = {"nyuv2-segnet-stl": "published"}
+PROTOCOLS: dict[str, str] = {"nyuv2-segnet-stl": "published", "cityscapes-segnet-stl": "published"}
 
 
 def baseline_protocol(name: str) -> str:

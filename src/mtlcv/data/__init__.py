@@ -2,7 +2,14 @@
 
 from __future__ import annotations
 
-from . import multidigits, nyuv2, scenes  # noqa: F401  (register)
+from . import (  # noqa: F401  (register)
+    cityscapes,
+    multidigits,
+    nyuv2,
+    office,
+    pascal_context,
+    scenes,
+)
 from .base import MTLDataset, collate
 from .scenes import ScenesDataset, render, write_cache
 

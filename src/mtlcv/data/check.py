@@ -7,6 +7,10 @@ The layout is detected from ``PATH`` (or given as ``kind``, a dataset name):
 * ``nyuv2-mat`` — ``nyu_depth_v2_labeled.mat`` (or a folder holding it), plus ``splits.mat``
   next to it when present;
 * ``nyuv2-fixture`` — the fixture folder or its ``nyuv2_mini_real.npz``;
+* ``cityscapes`` (the preprocessed ``.npy`` release), ``cityscapes-official`` (the
+  ``leftImg8bit/gtFine/disparity`` folders), ``pascal-context`` (the survey's ``PASCAL_MT``),
+  ``office-31`` and ``office-home`` (image folders): every sample of every split is read through
+  the dataset's own loader, whose checks name the file (:func:`_samples`);
 * ``scenes`` — a scenes cache folder (``meta.json`` + ``{train,val,test}.npz``, written by
   ``mtlcv data scenes`` or on first use): every split loads with the shapes meta.json gives,
   labels, depth, normals, edges and room types hold valid values, and every detection box has
@@ -23,14 +27,17 @@ from pathlib import Path
 
 import h5py
 import numpy as np
+import torch
 
 from ..errors import ConfigError, DataError
 from .nyuv2.common import as_depth, as_image, as_labels, as_normals, load_npy
 from .nyuv2.fixture import FILE, TEST_LABELS, load_fixture
 from .nyuv2.folder import FOLDERS, LAYOUT, list_indices
 from .nyuv2.mat import NUM_RAW_CLASSES, check_labeled_file, load_splits
+from .office import DOMAINS
 
-KINDS = ("nyuv2", "nyuv2-mat", "nyuv2-fixture", "scenes")
+KINDS = ("nyuv2", "nyuv2-mat", "nyuv2-fixture", "scenes", "cityscapes",
+         "cityscapes-official", "pascal-context", "office-31", "office-home")
 #: share of valid normal pixels allowed a length that is neither 0 nor 1 (± 0.1): resized
 #: releases blend a few pixels at the border of missing regions
 NORMAL_TOLERANCE = 0.01
@@ -45,6 +52,18 @@ def detect(path: Path) -> str | None:
         return {".mat": "nyuv2-mat", ".npz": "nyuv2-fixture"}.get(path.suffix)
     if (path / "meta.json").is_file() and (path / "train.npz").is_file():
         return "scenes"
+    if (path / "leftImg8bit").is_dir() or (path / "gtFine").is_dir():
+        return "cityscapes-official"
+    if (path / "JPEGImages").is_dir() and (path / "ImageSets").is_dir():
+        return "pascal-context"
+    for kind in ("office-31", "office-home"):
+        if all((path / d).is_dir() for d in DOMAINS[kind]):
+            return kind
+    for split in ("train", "val"):
+        s = path / split
+        if (s / "depth").is_dir() and not (s / "normal").is_dir() and any(
+                (s / n).is_dir() for n in ("label_7", "label_19", "label")):
+            return "cityscapes"
     if (path / "train").is_dir() or (path / "val").is_dir():
         return "nyuv2"
     if (path / FILE).is_file():
@@ -248,6 +267,36 @@ def _fixture(path: Path) -> tuple[list[str], str]:
     return problems, summary
 
 
+def _samples(kind: str, path: Path) -> tuple[list[str], str]:
+    """Read every sample of the train and val splits through the dataset's loader; one line per
+    failing sample (the loader's DataError names the file and the problem)."""
+    from ..registry import DATASETS
+
+    problems, counts = [], []
+    opts: dict = {"balance": False} if kind.startswith("office") else {}
+    if kind == "cityscapes":
+        labels = {p.name for s in ("train", "val") for p in (path / s).glob("label*")}
+        opts["num_classes"] = 7 if {"label_7", "label"} & labels else 19
+    for split in ("train", "val"):
+        try:
+            ds = DATASETS.create(kind, split=split, root=str(path), **opts)
+        except (DataError, ConfigError) as e:
+            problems.append(str(e))
+            continue
+        bad = 0
+        for i in range(len(ds)):
+            try:
+                sample = ds[i]
+            except (DataError, ConfigError) as e:
+                problems.append(str(e))
+                bad += 1
+                continue
+            if not bool(torch.isfinite(sample["image"]).all()):
+                problems.append(f"{kind} {split} item {i}: image has NaN or infinite values")
+        counts.append(f"{split} {len(ds)}" + (f" ({bad} bad)" if bad else ""))
+    return problems, f"{kind} layout, samples: {', '.join(counts) or 'none'}"
+
+
 def _check(path: str | Path, kind: str | None) -> tuple[list[str], str]:
     path = Path(path).expanduser()
     if kind is not None and kind not in KINDS:
@@ -258,18 +307,20 @@ def _check(path: str | Path, kind: str | None) -> tuple[list[str], str]:
     if kind is None:
         return [
             f"{path}: cannot tell the layout; expected a folder with train/ and val/ ({LAYOUT}), "
-            f"nyu_depth_v2_labeled.mat, the fixture's {FILE}, or a scenes cache (meta.json and "
-            "train/val/test.npz, from mtlcv data scenes)"
+            f"nyu_depth_v2_labeled.mat, the fixture's {FILE}, a scenes cache, Cityscapes, "
+            "PASCAL-Context or Office folders (or give --kind)"
         ], "nothing checked"
     checks = {"nyuv2": _folder, "nyuv2-mat": _mat, "nyuv2-fixture": _fixture, "scenes": _scenes}
-    return checks[kind](path)
+    if kind in checks:
+        return checks[kind](path)
+    return _samples(kind, path)
 
 
 def check_dataset(path: str | Path, kind: str | None = None) -> list[str]:
     """Every problem found in the dataset at ``path`` (one line each; empty when it is fine).
 
-    ``kind`` is a dataset name (``nyuv2``, ``nyuv2-mat``, ``nyuv2-fixture``, ``scenes``); by
-    default the layout is detected from ``path``.
+    ``kind`` is a dataset name (one of :data:`KINDS`); by default the layout is detected from
+    ``path``.
     """
     return _check(path, kind)[0]
 
