@@ -1,9 +1,11 @@
 """The ``mtlcv`` command line: train, eval, compare, predict, export, data, bench, classic,
-list, demo.
+list, config, demo.
 
 Every user mistake (a bad config key, a missing file, a corrupt cache) is an
 :class:`~mtlcv.errors.MtlcvError`: the CLI prints its one line and exits with code 2, never a
 traceback. Ctrl-C exits with 130 and leaves the last complete epoch's checkpoint in place.
+With ``--json`` (eval, compare, list, config keys/options, bench) stdout holds the JSON alone;
+logs and progress go to stderr.
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from . import __version__
+from .cli_config import add_config_parser
 from .errors import ConfigError, MtlcvError
 
 
@@ -97,32 +100,36 @@ def cmd_eval(args: argparse.Namespace) -> int:
     if not (run / "config.yaml").is_file():
         raise ConfigError(f"--run {str(run)!r} is not a run directory (no config.yaml)")
     cfg = load(run / "config.yaml", args.set)
-    exp = build(cfg, splits=(args.split,))
+    # evaluation never augments, whatever the split: two calls give the same numbers
+    exp = build(cfg, splits=(args.split,), augment=False)
     ckpt = load_checkpoint(run / f"{args.checkpoint}.pt", map_location=exp.device)
     exp.model.load_state_dict(ckpt["model"])
     loader = make_loader(cfg, exp.datasets[args.split], train=False)
-    metrics = evaluate(exp.model, exp.tasks, loader, exp.device, cfg.eval.protocol)
+    metrics = evaluate(exp.model, exp.tasks, loader, exp.device, cfg.eval.protocol,
+                       progress=f"{args.split} split")
+    higher = {n: dict(t.higher_is_better) for n, t in exp.tasks.items()}
     result = {
         "name": cfg.name,
         "protocol": cfg.eval.protocol,
         "split": args.split,
         "checkpoint": args.checkpoint,
         "epoch": ckpt.get("epoch"),
-        "test": metrics,
+        args.split: metrics,
+        "higher_is_better": higher,
     }
-    higher = {n: t.higher_is_better for n, t in exp.tasks.items()}
     if cfg.baselines:
-        base = load_baselines(cfg.baselines)[args.split]
-        check_baseline_protocol(cfg)  # Δm only within one evaluation protocol
-        main = main_metrics(metrics, cfg.aux_tasks)
-        result["delta_m"] = delta_m(on_baseline_metrics(main, base), base, higher)
+        base = load_baselines(cfg.baselines).get(args.split)
+        if base is not None:  # baselines have val and test metrics, not train
+            check_baseline_protocol(cfg)  # Δm only within one evaluation protocol
+            main = main_metrics(metrics, cfg.aux_tasks)
+            result["delta_m"] = delta_m(on_baseline_metrics(main, base), base, higher)
     if args.json:
-        print(json.dumps(result, indent=2))
+        _emit_json(args, result)
         return 0
     con = _console()
     con.print(
         comparison_table(
-            {f"{cfg.name} ({args.checkpoint}, epoch {result['epoch']})": result},
+            {f"{cfg.name} ({args.checkpoint}, epoch {result['epoch']})": {"test": metrics}},
             higher,
             title=f"{args.split} metrics of {run}",
             aux=cfg.aux_tasks,
@@ -135,10 +142,10 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
 def cmd_compare(args: argparse.Namespace) -> int:
     from .analysis.tables import metric_directions
-    from .config import apply_overrides, read_yaml
+    from .config import load_dict
     from .engine.grid import grid_table, markdown_table, parse_vary, run_grid, summarise
 
-    base = apply_overrides(read_yaml(args.config), args.set)
+    base = load_dict(args.config, args.set)
     seeds = _int_list(args.seeds, "--seeds")
     vary = parse_vary(args.vary)
     vs, base_v = run_grid(base, vary, seeds, args.out, baseline=args.baseline)
@@ -148,7 +155,7 @@ def cmd_compare(args: argparse.Namespace) -> int:
     (out / "summary.json").write_text(json.dumps(rows, indent=2))
     (out / "summary.md").write_text(markdown_table(rows, higher) + "\n")
     if args.json:
-        print(json.dumps(rows, indent=2))
+        _emit_json(args, rows)
         return 0
     title = f"test split, mean over seeds {', '.join(map(str, seeds))}"
     if base_v is not None:
@@ -185,22 +192,52 @@ def cmd_data_check(args: argparse.Namespace) -> int:
 def cmd_bench(args: argparse.Namespace) -> int:
     from .bench.balancing import main as bench_balancing
 
-    return bench_balancing(args.options)
+    if "--json" not in args.options:
+        return bench_balancing(args.options)
+    import contextlib
+
+    out = sys.stdout  # the JSON alone on stdout; anything else printed goes to stderr
+    with contextlib.redirect_stdout(sys.stderr):
+        return bench_balancing(args.options, out=out)
 
 
 def cmd_list(args: argparse.Namespace) -> int:
-    from .registry import ALL
+    import torch
 
-    for kind, reg in ALL.items():
-        if args.kind and kind != args.kind:
-            continue
-        for entry in reg.items():
-            line = f"{kind:<13} {entry.name:<16} {entry.help}"
-            if kind == "architecture" and not args.no_size:
-                from .models.complexity import describe_arch
+    from .models.complexity import arch_size, format_size
+    from .registry import ALL, BACKBONES
 
-                line += f" [{describe_arch(entry.name, args.size, backbone=args.backbone)}]"
-            print(line)
+    # architectures are built to count parameters and FLOPs only when asked for (listed alone,
+    # or --size/--backbone given): building all of them is what makes a plain `list` slow
+    sizes = not args.no_size and (
+        args.kind == "architecture" or args.size is not None or args.backbone is not None
+    )
+    size, backbone = args.size or (96, 128), args.backbone or "tiny"
+    if sizes:
+        BACKBONES.entry(backbone, where="--backbone")  # a bad name: one line, exit 2
+    threads = torch.get_num_threads()
+    # one forward pass of one image each: threads gain little, and on a shared machine an OpenMP
+    # team waiting for a busy core made `list` twice as slow
+    torch.set_num_threads(1)
+    rows = []
+    try:
+        for kind, reg in ALL.items():
+            if args.kind and kind != args.kind:
+                continue
+            for entry in reg.items():
+                row = {"kind": kind, "name": entry.name, "help": entry.help}
+                if kind == "architecture" and sizes:
+                    row["complexity"] = arch_size(entry.name, size, backbone=backbone)
+                rows.append(row)
+                if not args.json:
+                    line = f"{kind:<13} {entry.name:<16} {entry.help}"
+                    if "complexity" in row:
+                        line += f" [{format_size(row['complexity'])}]"
+                    print(line, flush=True)  # line by line: the first ones show at once
+    finally:
+        torch.set_num_threads(threads)
+    if args.json:
+        _emit_json(args, rows)
     return 0
 
 
@@ -251,7 +288,7 @@ def cmd_classic(args: argparse.Namespace) -> int:
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
         Path(args.out).write_text(json.dumps(result, indent=2))
     if args.json:
-        print(json.dumps(result, indent=2))
+        _emit_json(args, result)
         return 0
     s = result["summary"]
     table = Table(title=f"{result['dataset']} test split, {result['method']} "
@@ -333,7 +370,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--version", action="version", version=f"mtlcv {__version__}")
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    t = sub.add_parser("train", help="train an experiment from a YAML config")
+    t = sub.add_parser(
+        "train",
+        help="train an experiment from a YAML config",
+        epilog="Every config key with its default and meaning: mtlcv config keys. A config "
+        "resolved with its overrides: mtlcv config show --config FILE --set KEY=VALUE. "
+        "Component options: mtlcv config options [KIND [NAME]].",
+    )
     t.add_argument("--config", help="experiment YAML (optional with --resume)")
     _add_set(t, "override a config key, e.g. --set optim.lr=1e-4 (repeatable)")
     t.add_argument("--out", help="run directory (default runs/NAME-TIMESTAMP)")
@@ -412,17 +455,21 @@ def build_parser() -> argparse.ArgumentParser:
     ls.add_argument(
         "--size",
         type=_size,
-        default=(96, 128),
-        help="resolution for the architectures' FLOPs (default 96x128)",
+        default=None,
+        help="resolution for the architectures' FLOPs (default 96x128); parameters and FLOPs "
+        "are counted for `list architecture` or when --size or --backbone is given",
     )
     ls.add_argument(
-        "--backbone", default="tiny", help="backbone for the architectures' counts (default tiny)"
+        "--backbone",
+        default=None,
+        help="backbone for the architectures' counts (default tiny)",
     )
     ls.add_argument(
         "--no-size",
         action="store_true",
         help="skip building architectures to count parameters and FLOPs",
     )
+    ls.add_argument("--json", action="store_true", help="print JSON instead of text")
     ls.set_defaults(func=cmd_list)
 
     cl = sub.add_parser("classic", help="a classic MTL method vs single-task models, over seeds")
@@ -477,6 +524,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     ex.set_defaults(func=cmd_export)
 
+    add_config_parser(sub)
+
     m = sub.add_parser("demo", help="STL vs hard sharing on the embedded scenes data (CPU)")
     m.add_argument("--out", default="runs/demo", help="where the two runs go (default runs/demo)")
     m.add_argument("--epochs", type=_positive, help="epochs per run (default 12)")
@@ -485,10 +534,26 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def _emit_json(args: argparse.Namespace, obj: object) -> None:
+    """Print ``obj`` as JSON on the real stdout (with ``--json`` all else goes to stderr)."""
+    print(json.dumps(obj, indent=2), file=getattr(args, "json_out", sys.stdout), flush=True)
+
+
+def _run(args: argparse.Namespace) -> int:
+    if not getattr(args, "json", False):
+        return args.func(args)
+    import contextlib
+
+    # with --json, stdout holds the JSON alone: logs, progress bars and notes go to stderr
+    args.json_out = sys.stdout
+    with contextlib.redirect_stdout(sys.stderr):
+        return args.func(args)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
-        return args.func(args)
+        return _run(args)
     except MtlcvError as exc:
         print(f"mtlcv: error: {exc}", file=sys.stderr)
         return exc.exit_code

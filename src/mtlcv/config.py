@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import sys
 import types
 import typing
 from dataclasses import dataclass, field
@@ -33,34 +34,41 @@ from .errors import ConfigError
 
 @dataclass
 class DataConfig:
+    #: dataset (mtlcv list dataset); its own options go in data.options
     name: str = "scenes"
     #: dataset location (cache folder for scenes, dataset root/file for NYUv2)
     root: str | None = None
+    #: training batch size
     batch_size: int = 8
     #: batch size for val/test (None = batch_size)
     eval_batch_size: int | None = None
+    #: DataLoader worker processes (0 = load in the main process)
     num_workers: int = 0
     #: joint augmentation of the training split (the dataset's published protocol)
     augment: bool = False
-    #: extra dataset factory options, e.g. ``{size: [96, 128], n: 600}`` for scenes
+    #: the dataset's own options, e.g. ``{size: [96, 128], n: 600}`` for scenes
     options: dict[str, Any] = field(default_factory=dict)
 
 
 @dataclass
 class ModelConfig:
+    #: architecture (mtlcv list architecture); its own options go in model.options
     arch: str = "hps"
     #: ``{name: ..., <backbone options>}``, e.g. ``{name: resnet18, dilated: true, weights: PATH}``
     backbone: dict[str, Any] = field(default_factory=lambda: {"name": "tiny"})
     #: ``{name: ..., <head options>}``
     head: dict[str, Any] = field(default_factory=lambda: {"name": "light"})
-    #: architecture options
+    #: the architecture's own options, e.g. ``{reduction: 1}`` for mtan
     options: dict[str, Any] = field(default_factory=dict)
 
 
 @dataclass
 class OptimConfig:
+    #: optimizer: adam, adamw or sgd
     name: str = "adam"
+    #: learning rate
     lr: float = 1e-3
+    #: weight decay (an L2 penalty for adam and sgd, decoupled for adamw)
     weight_decay: float = 0.0
     #: SGD momentum (ignored by Adam)
     momentum: float = 0.9
@@ -70,18 +78,23 @@ class OptimConfig:
 class ScheduleConfig:
     #: none, step (StepLR) or cosine (CosineAnnealingLR over all epochs)
     name: str = "none"
+    #: step schedule: epochs between learning-rate decays
     step_size: int = 100
+    #: step schedule: learning-rate factor at each decay
     gamma: float = 0.5
 
 
 @dataclass
 class BalancerConfig:
+    #: task balancing method (mtlcv list balancer)
     name: str = "fixed"
+    #: the balancer's own options, e.g. ``{weights: [1, 1, 1]}`` for fixed
     options: dict[str, Any] = field(default_factory=dict)
 
 
 @dataclass
 class TrainConfig:
+    #: training epochs
     epochs: int = 10
     #: auto (cuda when available, else cpu), cpu, cuda, cuda:N
     device: str = "auto"
@@ -105,6 +118,8 @@ class EvalConfig:
     ``allow_protocol_mismatch`` is true.
     """
 
+    #: exact (every metric over the whole split, test = the best-on-val checkpoint) or published
+    #: (the SegNet-MTAN papers' batch-averaged depth/normals, test = mean of the last epochs)
     protocol: str = "exact"
     #: epochs whose test metrics the published protocol averages (10 in the papers)
     last_epochs: int = 10
@@ -114,15 +129,25 @@ class EvalConfig:
 
 @dataclass
 class ExperimentConfig:
+    #: run name; the default run directory is runs/NAME-TIMESTAMP
     name: str = "experiment"
+    #: seed of every random number generator (data order, initialisation, augmentation)
     seed: int = 0
+    #: the tasks to learn, each a target the dataset provides (mtlcv list task)
     tasks: list[str] = field(default_factory=lambda: ["semseg", "depth", "normals"])
+    #: the dataset and its loaders
     data: DataConfig = field(default_factory=DataConfig)
+    #: the network: architecture, backbone, heads
     model: ModelConfig = field(default_factory=ModelConfig)
+    #: the optimizer
     optim: OptimConfig = field(default_factory=OptimConfig)
+    #: the learning-rate schedule (stepped once per epoch)
     schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
+    #: how the per-task losses become one update
     balancer: BalancerConfig = field(default_factory=BalancerConfig)
+    #: the training loop
     train: TrainConfig = field(default_factory=TrainConfig)
+    #: how val and test numbers are computed (the evaluation protocol)
     eval: EvalConfig = field(default_factory=EvalConfig)
     #: single-task baselines for Δm: a run directory, a results.json, or a named published
     #: baseline (see ``mtlcv.analysis.baselines``); None = select the best epoch by mean rank
@@ -345,11 +370,59 @@ def read_yaml(path: str | Path) -> dict[str, Any]:
     return data
 
 
+def _flow(value: Any) -> str:
+    return yaml.safe_dump(value, default_flow_style=True, sort_keys=False).strip()
+
+
+#: the keys of ``data`` that belong to one particular dataset (its location and own options)
+DATASET_SPECIFIC = ("root", "options")
+
+
+def switch_dataset(
+    data: dict[str, Any], overrides: list[str], source: str = "the config"
+) -> dict[str, Any]:
+    """Drop ``data.root`` and ``data.options`` from ``data`` when ``overrides`` change
+    ``data.name`` to another dataset: they described the old dataset (a scenes cache's ``n``
+    and ``seed`` mean nothing to NYUv2, and its ``size`` would silently resize it). Options the
+    overrides set themselves are applied afterwards, so they are kept. A note on stderr names
+    what was dropped. Returns ``data`` unchanged, or a copy without those keys."""
+    names = [v for p, v in map(parse_override, overrides) if p == ["data", "name"]]
+    section = data.get("data")
+    if not names or not isinstance(section, dict):
+        return data
+    old = section.get("name", DataConfig.name)
+    dropped = [k for k in DATASET_SPECIFIC if section.get(k) not in (None, {})]
+    if names[-1] == old or not dropped:
+        return data
+    data = copy.deepcopy(data)
+    for k in dropped:
+        del data["data"][k]
+    what = ", ".join(f"data.{k}={_flow(section[k])}"
+                     for k in dropped)
+    print(
+        f"mtlcv: note: --set data.name={names[-1]} replaces dataset {old!r} of {source}; "
+        f"its {what} no longer apply and were dropped (set them with --set data.KEY=...)",
+        file=sys.stderr,
+    )
+    return data
+
+
+def load_dict(path: str | Path | None = None, overrides: list[str] | None = None) -> dict[str, Any]:
+    """The config mapping of ``path`` (or the defaults) with ``overrides``, not yet validated.
+
+    An override that switches ``data.name`` to another dataset drops the file's dataset-specific
+    keys first (:func:`switch_dataset`).
+    """
+    overrides = list(overrides or [])
+    data = read_yaml(path) if path is not None else {}
+    if path is not None:
+        data = switch_dataset(data, overrides, repr(str(path)))
+    return apply_overrides(data, overrides)
+
+
 def load(path: str | Path | None = None, overrides: list[str] | None = None) -> ExperimentConfig:
     """Read ``path`` (or start from the defaults), apply ``overrides`` and validate."""
-    data = read_yaml(path) if path is not None else {}
-    data = apply_overrides(data, overrides or [])
-    return from_dict(data)
+    return from_dict(load_dict(path, overrides))
 
 
 def dump(cfg: ExperimentConfig, path: str | Path) -> None:

@@ -4,7 +4,7 @@ A balancer turns the per-task losses of one training step into gradients: after
 ``balancer.backward(losses, model)`` every parameter's ``.grad`` holds the update direction and
 the trainer only calls ``optimizer.step()``. The trainer never asks which method it runs.
 
-Two families (GUIDE.md, after torchjd and LibMTL):
+Two families (docs/design.md, after torchjd and LibMTL):
 
 * **loss weighting** (:class:`Weighting`): ``weights(losses)`` returns a weight per task from the
   losses and their history; the update is the gradient of ``sum_k w_k L_k``;

@@ -45,15 +45,17 @@ Example::
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import math
+import os
 import random
 import statistics
 import sys
 import time
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field
-from typing import Any
+from typing import Any, TextIO
 
 import torch
 from torch import nn
@@ -217,6 +219,26 @@ def _timed(runner: _Runner, device: torch.device) -> float:
     return time.perf_counter() - t0
 
 
+@contextlib.contextmanager
+def _native_stderr_silenced() -> Iterator[None]:
+    """Point file descriptor 2 at /dev/null for the duration (Python's sys.stderr is flushed
+    first and keeps working once restored); native libraries' messages are dropped."""
+    try:
+        sys.stderr.flush()
+        saved = os.dup(2)
+    except (OSError, ValueError):  # no real fd 2 (embedded interpreters): nothing to silence
+        yield
+        return
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    try:
+        os.dup2(devnull, 2)
+        yield
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
+        os.close(devnull)
+
+
 def peak_step_bytes(fn: Callable[[], Any], device: torch.device) -> int:
     """Peak of (tensor bytes allocated - freed) while ``fn()`` runs (see the module doc)."""
     if device.type == "cuda":
@@ -228,7 +250,11 @@ def peak_step_bytes(fn: Callable[[], Any], device: torch.device) -> int:
         return max(0, torch.cuda.max_memory_allocated(device) - start)
     from torch.profiler import ProfilerActivity, profile
 
-    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+    # the profiler's C++ side writes a start/stop line (and an allocator warning) to fd 2 for
+    # every profiled step: hundreds of lines over a full benchmark, so they are swallowed
+    with _native_stderr_silenced(), profile(
+        activities=[ProfilerActivity.CPU], profile_memory=True
+    ) as prof:
         fn()
     events = [e for e in prof.profiler.kineto_results.events() if e.name() == "[memory]"]
     events.sort(key=lambda e: e.start_ns())
@@ -458,8 +484,9 @@ def format_table(result: dict[str, Any]) -> Any:
     return table
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    """``python benchmarks/balancing.py [--json] [--quick] [--steps N] ...``."""
+def main(argv: Sequence[str] | None = None, out: TextIO | None = None) -> int:
+    """``mtlcv bench balancing [--json] [--quick] [--steps N] ...``; the JSON or the table goes
+    to ``out`` (default stdout), progress to stderr."""
     ap = argparse.ArgumentParser(prog="mtlcv bench balancing", description=__doc__.split("\n")[0])
     ap.add_argument("--json", action="store_true", help="print the result as JSON")
     ap.add_argument("--quick", action="store_true", help="tiny backbone only, few steps")
@@ -478,9 +505,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     if args.json:
-        print(json.dumps(res, indent=2))
+        print(json.dumps(res, indent=2), file=out or sys.stdout)
     else:
         from rich.console import Console
 
-        Console().print(format_table(res))
+        Console(file=out).print(format_table(res))
     return 0

@@ -11,9 +11,10 @@ The layout is detected from ``PATH`` (or given as ``kind``, a dataset name):
   ``leftImg8bit/gtFine/disparity`` folders), ``pascal-context`` (the survey's ``PASCAL_MT``),
   ``office-31`` and ``office-home`` (image folders): every sample of every split is read through
   the dataset's own loader, whose checks name the file (:func:`_samples`);
-* ``scenes`` — a scenes cache folder (``meta.json`` + ``{train,val,test}.npz``): every split
-  loads, and every detection box has a positive width and height, finite coordinates inside
-  the image and a class in [0, 10).
+* ``scenes`` — a scenes cache folder (``meta.json`` + ``{train,val,test}.npz``, written by
+  ``mtlcv data scenes`` or on first use): every split loads with the shapes meta.json gives,
+  labels, depth, normals, edges and room types hold valid values, and every detection box has
+  a positive width and height, finite coordinates inside the image and a class in [0, 10).
 
 Every file is read: layout, counts (the same indices in every modality), shapes, dtypes and
 value ranges (depth finite and ≥ 0, normals of length 1 or 0, labels in [0, 13) or ignore).
@@ -41,6 +42,7 @@ KINDS = ("nyuv2", "nyuv2-mat", "nyuv2-fixture", "scenes", "cityscapes",
 #: releases blend a few pixels at the border of missing regions
 NORMAL_TOLERANCE = 0.01
 CHUNK = 16  # frames read at once from the .mat file
+SCENES_SPLITS = ("train", "val", "test")
 CHECKS = {"image": as_image, "semseg": as_labels, "depth": as_depth, "normals": as_normals}
 
 
@@ -68,6 +70,8 @@ def detect(path: Path) -> str | None:
         return "nyuv2-fixture"
     if (path / "nyu_depth_v2_labeled.mat").is_file():
         return "nyuv2-mat"
+    if (path / "meta.json").is_file() or any((path / f"{s}.npz").is_file() for s in SCENES_SPLITS):
+        return "scenes"  # an incomplete cache: the check says what is missing
     return None
 
 
@@ -161,6 +165,60 @@ def _mat(path: Path) -> tuple[list[str], str]:
     return problems, f"nyuv2-mat layout, {n} frames at {h}×{w}; {note}"
 
 
+def _scenes(root: Path) -> tuple[list[str], str]:
+    """A scenes cache: meta.json, every split's arrays (shapes), their values and the boxes."""
+    from ..tasks.detection import check_boxes
+    from .scenes import DET_CLASSES, ROOM_TYPES, _load_split, _read_meta
+
+    if root.is_file():
+        root = root.parent
+    try:
+        meta = _read_meta(root)
+    except DataError as e:
+        return [str(e)], "scenes cache"
+    h, w = meta["size"]
+    problems, counts, total = [], [], 0
+    classes = len(meta.get("classes", ())) or 13
+    for split in SCENES_SPLITS:
+        try:
+            a = _load_split(root, split, meta)
+        except (DataError, KeyError) as e:
+            problems.append(str(e) if isinstance(e, DataError) else f"{root}: meta.json has no "
+                            f"split {split!r}")
+            continue
+        counts.append(f"{split} {len(a['classification'])}")
+        where = root / f"{split}.npz"
+        seg = a["semseg"]
+        bad = seg[(seg != 255) & (seg >= classes)]
+        if bad.size:
+            problems.append(f"{where}: semseg label {int(bad[0])} is outside [0, {classes})")
+        depth = a["depth"]
+        if not np.isfinite(depth).all() or (depth <= 0).any():
+            problems.append(f"{where}: depth has non-finite or non-positive values")
+        for k in range(len(a["normals"])):
+            line = normal_lengths(a["normals"][k].transpose(1, 2, 0), f"{where} image {k}")
+            if line:
+                problems.append(line)
+                break
+        if not np.isin(a["edges"], (0, 1)).all():
+            problems.append(f"{where}: edges hold values other than 0 and 1")
+        rooms = a["classification"]
+        if rooms.size and (rooms.min() < 0 or rooms.max() >= len(ROOM_TYPES)):
+            problems.append(f"{where}: room type outside [0, {len(ROOM_TYPES)})")
+        ends = np.cumsum(a["box_count"])
+        for i, (start, stop) in enumerate(zip(ends - a["box_count"], ends)):
+            boxes, labels = a["boxes"][start:stop], a["box_class"][start:stop]
+            at = f"{where} image {i}"
+            problems += check_boxes(boxes, labels, len(DET_CLASSES), at)
+            outside = (boxes[:, :2] < 0).any(1) | (boxes[:, 2] > w) | (boxes[:, 3] > h)
+            problems += [f"{at}: box {j} {boxes[j].tolist()} leaves the {h}x{w} image"
+                         for j in np.flatnonzero(outside)]
+        total += len(a["boxes"])
+    summary = (f"scenes cache, {meta['n']} images at {h}×{w}, seed {meta['seed']}; "
+               f"{', '.join(counts) or 'no split readable'}; {total} boxes")
+    return problems, summary
+
+
 def _labels_range(a: np.ndarray, k: int, where: str) -> str | None:
     bad = a[(a != 255) & (a >= k)]
     return f"{where}: label id {int(bad[0])} is outside [0, {k}) and not 255" if bad.size else None
@@ -237,35 +295,6 @@ def _samples(kind: str, path: Path) -> tuple[list[str], str]:
                 problems.append(f"{kind} {split} item {i}: image has NaN or infinite values")
         counts.append(f"{split} {len(ds)}" + (f" ({bad} bad)" if bad else ""))
     return problems, f"{kind} layout, samples: {', '.join(counts) or 'none'}"
-
-
-def _scenes(root: Path) -> tuple[list[str], str]:
-    from ..tasks.detection import check_boxes
-    from .scenes import DET_CLASSES, SPLITS, _load_split, _read_meta
-
-    try:
-        meta = _read_meta(root)
-    except DataError as e:
-        return [str(e)], "scenes cache"
-    h, w = meta["size"]
-    problems, total = [], 0
-    for split in SPLITS:
-        try:
-            a = _load_split(root, split, meta)
-        except DataError as e:
-            problems.append(str(e))
-            continue
-        ends = np.cumsum(a["box_count"])
-        for i, (start, stop) in enumerate(zip(ends - a["box_count"], ends)):
-            boxes, labels = a["boxes"][start:stop], a["box_class"][start:stop]
-            where = f"{root / (split + '.npz')} image {i}"
-            problems += check_boxes(boxes, labels, len(DET_CLASSES), where)
-            outside = (boxes[:, :2] < 0).any(1) | (boxes[:, 2] > w) | (boxes[:, 3] > h)
-            problems += [f"{where}: box {j} {boxes[j].tolist()} leaves the {h}x{w} image"
-                         for j in np.flatnonzero(outside)]
-        total += len(a["boxes"])
-    n = meta["n"]
-    return problems, f"scenes cache, {n} images at {h}×{w}, {total} boxes"
 
 
 def _check(path: str | Path, kind: str | None) -> tuple[list[str], str]:

@@ -2,7 +2,8 @@
 
 Checkpoints are written to a temporary file in the same folder and moved into place with
 ``os.replace``, so a crash mid-write never leaves a truncated ``last.pt`` behind and never
-destroys the previous one.
+destroys the previous one. Files get the mode the user's umask gives any new file (``mkstemp``
+alone would make them private, 0600).
 """
 
 from __future__ import annotations
@@ -19,11 +20,20 @@ import torch
 from ..errors import CheckpointError
 
 
+def _umask_mode(fd: int) -> None:
+    """Give a ``mkstemp`` file (always 0600) the mode ``open`` would: 0666 minus the umask."""
+    if hasattr(os, "fchmod"):
+        umask = os.umask(0)  # the only way to read it; set straight back
+        os.umask(umask)
+        os.fchmod(fd, 0o666 & ~umask)
+
+
 def atomic_save(obj: Any, path: str | Path) -> None:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
+        _umask_mode(fd)
         with os.fdopen(fd, "wb") as fh:
             torch.save(obj, fh)
             fh.flush()
@@ -38,9 +48,15 @@ def atomic_save(obj: Any, path: str | Path) -> None:
 def atomic_write_text(text: str, path: str | Path) -> None:
     path = Path(path)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    with os.fdopen(fd, "w") as fh:
-        fh.write(text)
-    os.replace(tmp, path)
+    try:
+        _umask_mode(fd)
+        with os.fdopen(fd, "w") as fh:
+            fh.write(text)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
 
 
 def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> dict:

@@ -8,6 +8,7 @@ so the numbers do not depend on batch size or order (see :mod:`mtlcv.tasks.base`
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Iterable, Mapping
 from typing import Any
 
@@ -33,6 +34,19 @@ def check_batch(batch: Mapping[str, Any], tasks: Mapping[str, Task]) -> None:
         task.check_target(batch[name], image)
 
 
+def _progress_bar(description: str | None, total: int | None) -> Any:
+    """A transient rich progress bar over the batches, or None (no description, no terminal)."""
+    if description is None or not sys.stdout.isatty():
+        return None
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn
+
+    bar = Progress(
+        TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(), transient=True
+    )
+    bar.add_task(description, total=total)
+    return bar
+
+
 @torch.no_grad()
 def evaluate(
     model: nn.Module,
@@ -40,21 +54,35 @@ def evaluate(
     loader: Iterable[Mapping[str, Any]],
     device: torch.device,
     protocol: str = "exact",
+    progress: str | None = None,
 ) -> Metrics:
-    """Run ``model`` over ``loader``; return ``{task: {metric: value}}`` over the whole split."""
+    """Run ``model`` over ``loader``; return ``{task: {metric: value}}`` over the whole split.
+
+    ``progress``: a description (e.g. ``"val"``) shows a progress bar over the batches when
+    stdout is a terminal; None shows nothing.
+    """
     from .protocol import new_metric
 
     was_training = model.training
     model.eval()
     metrics = {name: new_metric(task, protocol) for name, task in tasks.items()}
     checked = False
-    for batch in loader:
-        batch = to_device(batch, device)
-        if not checked:
-            check_batch(batch, tasks)
-            checked = True
-        preds = model(batch["image"])
-        for name in tasks:
-            metrics[name].update(preds[name], batch[name])
-    model.train(was_training)
+    bar = _progress_bar(progress, len(loader) if hasattr(loader, "__len__") else None)
+    if bar is not None:
+        bar.start()
+    try:
+        for batch in loader:
+            batch = to_device(batch, device)
+            if not checked:
+                check_batch(batch, tasks)
+                checked = True
+            preds = model(batch["image"])
+            for name in tasks:
+                metrics[name].update(preds[name], batch[name])
+            if bar is not None:
+                bar.advance(bar.task_ids[0])
+    finally:
+        if bar is not None:
+            bar.stop()
+        model.train(was_training)
     return {name: m.compute() for name, m in metrics.items()}

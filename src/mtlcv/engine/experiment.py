@@ -46,14 +46,16 @@ def resolve_device(name: str) -> torch.device:
     return dev
 
 
-def build_dataset(cfg: ExperimentConfig, split: str) -> Any:
+def build_dataset(cfg: ExperimentConfig, split: str, augment: bool = True) -> Any:
+    """Split ``split`` of the config's dataset; ``data.augment`` applies to the training split
+    only, and never when ``augment`` is False (evaluation)."""
     d = cfg.data
     ds = DATASETS.create(
         d.name,
         where="data.name",
         split=split,
         root=d.root,
-        augment=d.augment and split == "train",
+        augment=augment and d.augment and split == "train",
         **d.options,
     )
     missing = [t for t in cfg.tasks if t not in getattr(ds, "targets", ())]
@@ -178,8 +180,14 @@ def make_loader(cfg: ExperimentConfig, ds: Any, train: bool, seed: int = 0) -> D
     )
 
 
-def build(cfg: ExperimentConfig, splits: tuple[str, ...] = ("train", "val", "test")) -> Experiment:
-    datasets = {s: build_dataset(cfg, s) for s in splits}
+def build(
+    cfg: ExperimentConfig,
+    splits: tuple[str, ...] = ("train", "val", "test"),
+    augment: bool = True,
+) -> Experiment:
+    """Datasets of ``splits``, tasks, model, balancer and device of ``cfg``; ``augment=False``
+    builds even the training split without augmentation (for evaluation)."""
+    datasets = {s: build_dataset(cfg, s, augment) for s in splits}
     tasks = build_tasks(cfg, datasets[splits[0]])
     model = build_model(cfg, tasks)
     balancer = build_balancer(cfg)

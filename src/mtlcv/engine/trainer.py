@@ -2,7 +2,7 @@
 
 The trainer never asks which architecture, dataset or balancing method it runs: the model maps
 images to ``{task: prediction}``, every task scores its own prediction, and the balancer leaves
-``.grad`` set (see GUIDE.md).
+``.grad`` set (see docs/design.md).
 
 A run directory holds:
 
@@ -240,6 +240,10 @@ class Trainer:
             transient=True,
         )
 
+    def _eval_progress(self, description: str) -> str | None:
+        """Evaluation shows a progress bar (on a terminal) when training does."""
+        return description if self.cfg.train.progress else None
+
     def train_epoch(self) -> tuple[dict[str, float], dict[str, float], int]:
         """One pass over the training split; returns mean per-task losses, balancer logs, steps."""
         cfg = self.cfg
@@ -354,7 +358,8 @@ class Trainer:
             train_losses, logs, steps = self.train_epoch()
             train_time = time.perf_counter() - start
             protocol = cfg.eval.protocol
-            val = evaluate(self.model, self.tasks, self.val_loader, self.device, protocol)
+            val = evaluate(self.model, self.tasks, self.val_loader, self.device, protocol,
+                           progress=self._eval_progress(f"epoch {self.epoch + 1} val"))
             kpis = [self.tasks[n].kpi(val[n]) for n in self.names]
             self.balancer.on_epoch_end(self.epoch, list(train_losses.values()), kpis)
             lr = self.optimizer.param_groups[0]["lr"]
@@ -414,7 +419,8 @@ class Trainer:
             best = {**best, "val": val}
         else:
             self.model.load_state_dict(best["model"])
-            test = evaluate(self.model, self.tasks, self.test_loader, self.device)
+            test = evaluate(self.model, self.tasks, self.test_loader, self.device,
+                            progress=self._eval_progress("test"))
         results: dict[str, Any] = {
             "name": self.cfg.name,
             "tasks": self.names,

@@ -22,7 +22,7 @@ problem, so that trainers, architectures and balancers never special-case a task
 * ``published_aggregation``: ``"split"`` or ``"batch_mean"``, how the papers' published protocol
   aggregates the metrics (``eval.protocol: published``, see :mod:`mtlcv.engine.protocol`).
 
-Batch contract (GUIDE.md): ``image`` float ``[B,3,H,W]``; ``semseg`` long ``[B,H,W]`` with
+Batch contract (docs/design.md): ``image`` float ``[B,3,H,W]``; ``semseg`` long ``[B,H,W]`` with
 255 = ignore; ``depth`` float ``[B,1,H,W]`` with 0 = missing; ``normals`` float ``[B,3,H,W]``
 unit vectors in the camera frame (x right, y down, z forward) with 0 = missing; ``edges`` float
 ``[B,1,H,W]`` in {0, 1} with 255 = ignore; ``classification`` long ``[B]`` with 255 = ignore;
