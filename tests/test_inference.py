@@ -441,10 +441,10 @@ def test_predict_writes_detections_decoded_at_the_model_size_and_mapped_back(
     x1, y2, x2 = dets[0]["box"][0], dets[0]["box"][3], dets[0]["box"][2]
     row, col = int(np.ceil(y2)) - 1, (int(np.floor(x1)) + int(np.ceil(x2)) - 1) // 2
     assert overlay[row, col].tolist() == palette(len(DET_CLASSES))[dets[0]["class"]].tolist()
-    boxed = np.zeros((h, w), bool)  # every changed pixel is on a box or its label above it
-    for d in dets:
+    boxed = np.zeros((h, w), bool)  # every changed pixel is on a box or on its label, drawn
+    for d in dets:  # above it (<= 20 px) and moved left to stay inside the image (<= 100 px)
         bx1, by1, bx2, by2 = d["box"]
-        boxed[max(0, int(by1) - 20) : int(np.ceil(by2)), int(bx1) : w] = True
+        boxed[max(0, int(by1) - 20) : int(np.ceil(by2)), max(0, min(int(bx1), w - 100)) :] = True
     assert not ((overlay != src).any(-1) & ~boxed).any()
 
 

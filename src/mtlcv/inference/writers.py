@@ -32,8 +32,8 @@ For an image ``photo.jpg`` and a task named ``T``, files go to ``OUT/T/``:
 
 Detection is decoded (the task's ``postprocess``: score threshold, per-class NMS) at the model's
 input size, where its box distances are in pixels, and the boxes are then mapped to the image
-through the :class:`~mtlcv.inference.predictor.Placement` (:data:`~mtlcv.inference.predictor.
-DECODERS`); its writer receives the decoded boxes, not a map.
+through the :class:`~mtlcv.inference.predictor.Placement` (the predictor's ``DECODERS``); its
+writer receives the decoded boxes, not a map.
 
 Every writer also returns a small JSON record for ``OUT/predictions.json``. ``raw_output``
 says what the raw head output of the kind is (exported graphs' outputs are raw).
@@ -329,10 +329,12 @@ class DetectionWriter(Writer):
             text = f"{det['name']} {det['score']:.2f}"
             tb = draw.textbbox((0, 0), text, font=font)
             tw, th = tb[2] - tb[0] + 2 * pad, tb[3] - tb[1] + 2 * pad
-            ty = y1 - th if y1 >= th else y1  # above the box, inside it at the top edge
-            draw.rectangle((x1, ty, x1 + tw - 1, ty + th - 1), fill=colour)
+            # the label above the box (inside its top edge where there is no room), moved left
+            # where it would leave the image
+            tx, ty = max(0, min(x1, w - tw)), (y1 - th if y1 >= th else y1)
+            draw.rectangle((tx, ty, tx + tw - 1, ty + th - 1), fill=colour)
             dark = 0.299 * colour[0] + 0.587 * colour[1] + 0.114 * colour[2] < 128
-            draw.text((x1 + pad - tb[0], ty + pad - tb[1]), text, font=font,
+            draw.text((tx + pad - tb[0], ty + pad - tb[1]), text, font=font,
                       fill="white" if dark else "black")  # fmt: skip
         overlay = target.path("_overlay.png")
         img.save(overlay)
