@@ -1,4 +1,8 @@
-"""Using a trained model: checkpoint metadata, mtlcv.load / predict, mtlcv predict, export."""
+"""Using a trained model: checkpoint metadata, mtlcv.load / predict, mtlcv predict, export.
+
+Detection (decoded at the model's input size, boxes mapped to the image, JSON + overlay) is
+tested on the same tiny run, whose detection head is edited so that it detects something.
+"""
 
 from __future__ import annotations
 
@@ -19,12 +23,14 @@ from PIL import Image
 import mtlcv
 from mtlcv.cli import main
 from mtlcv.config import from_dict
+from mtlcv.data.scenes import DET_CLASSES
 from mtlcv.engine.experiment import build_model
 from mtlcv.engine.metadata import FORMAT, describe
 from mtlcv.engine.trainer import train
 from mtlcv.errors import CheckpointError, DataError
 from mtlcv.inference import ExportError, Predictor, export
 from mtlcv.inference.commands import output_stems, predict_files
+from mtlcv.inference.images import read_image
 from mtlcv.inference.predictor import build_from_meta
 from mtlcv.inference.writers import WRITERS, RawWriter, Target, palette, writer_for
 from mtlcv.registry import ARCHS, TASKS
@@ -32,7 +38,7 @@ from mtlcv.registry import ARCHS, TASKS
 # the tests load TorchScript files themselves; PyTorch 2.13 deprecates torch.jit (still shipped)
 pytestmark = pytest.mark.filterwarnings("ignore:`torch.jit.load` is deprecated:DeprecationWarning")
 
-TASKS5 = ["semseg", "depth", "normals", "edges", "classification"]
+TASKS6 = ["semseg", "depth", "normals", "edges", "classification", "detection"]
 README = Path(__file__).resolve().parents[1] / "README.md"
 FIXTURE = Path(__file__).resolve().parents[2] / "shared" / "data" / "nyuv2-fixture"
 HAS_ONNX = all(importlib.util.find_spec(m) for m in ("onnx", "onnxruntime"))
@@ -41,11 +47,11 @@ NO_ONNX = "onnx and onnxruntime are not installed (pip install 'mtlcv[export]')"
 
 @pytest.fixture(scope="module")
 def run_dir(scenes_root, tmp_path_factory) -> Path:
-    """A tiny HPS run with every task kind (one short epoch on the 32x48 scenes cache)."""
+    """A tiny HPS run with every task kind (three steps on the 32x48 scenes cache)."""
     out = tmp_path_factory.mktemp("inference") / "run"
     cfg = {
         "name": "tiny",
-        "tasks": TASKS5,
+        "tasks": TASKS6,
         "data": {"name": "scenes", "root": scenes_root, "batch_size": 4,
                  "options": {"n": 48, "size": [32, 48], "seed": 0}},
         "model": {"arch": "hps", "backbone": {"name": "tiny", "width": 8}},
@@ -75,7 +81,7 @@ def test_checkpoint_describes_its_model_in_plain_data(run_dir):
     assert meta["format"] == FORMAT and meta["mtlcv_version"] == mtlcv.__version__
     assert meta["model"] == {"arch": "hps", "backbone": {"name": "tiny", "width": 8},
                              "head": {"name": "light"}, "options": {}}  # fmt: skip
-    assert list(meta["tasks"]) == TASKS5
+    assert list(meta["tasks"]) == TASKS6
     assert meta["tasks"]["semseg"]["options"] == {"num_classes": 13}
     assert meta["tasks"]["semseg"]["class_names"][:2] == ["bed", "books"]
     assert meta["tasks"]["classification"] == {
@@ -107,10 +113,14 @@ def test_predict_at_model_size_is_the_model_itself(model):
     with torch.no_grad():
         ref = model.model(x)
     raw = model.predict(x, raw=True)
-    for n in TASKS5:
+    for n in TASKS6:  # detection's raw map too: at the model's size, as the model gave it
         torch.testing.assert_close(raw[n], ref[n], rtol=0, atol=1e-6)
     out = model.predict(x)
     assert torch.equal(out["semseg"], ref["semseg"].argmax(1))
+    assert isinstance(out["detection"], list) and len(out["detection"]) == 2  # one per image
+    for got, want in zip(out["detection"], model.tasks["detection"].postprocess(ref["detection"])):
+        assert got.keys() == want.keys()
+        torch.testing.assert_close(got["boxes"], want["boxes"], rtol=0, atol=1e-4)
     assert torch.equal(out["classification"], ref["classification"].argmax(1))
     assert out["edges"].dtype == torch.bool and out["edges"].shape == (2, 1, 32, 48)
     assert torch.allclose(out["normals"].norm(dim=1), torch.ones(2, 32, 48), atol=1e-5)
@@ -123,6 +133,8 @@ def test_other_sizes_are_resized_in_and_back(model):
     with torch.no_grad():
         small = F.interpolate(x[None], (32, 48), mode="bilinear", antialias=True)
         ref = model.model(small)
+    # detection's raw map is never resized: its distances are in the model input's pixels
+    torch.testing.assert_close(raw["detection"], ref["detection"][0], rtol=0, atol=1e-5)
     back = F.interpolate(ref["depth"], (64, 80), mode="bilinear", align_corners=False)[0]
     torch.testing.assert_close(raw["depth"], back, rtol=0, atol=1e-5)
     torch.testing.assert_close(raw["classification"], ref["classification"][0], rtol=0, atol=1e-6)
@@ -292,6 +304,9 @@ def test_predict_cli_on_real_nyuv2_frames_writes_every_output(model, run_dir, tm
         cls = json.loads((out / "classification" / f"{stem}.json").read_text())
         assert cls["class"] == int(pred["classification"]) and len(cls["top"]) == 4
         assert Image.open(out / "classification" / f"{stem}_overlay.png").size == (w, h)
+        det = json.loads((out / "detection" / f"{stem}.json").read_text())
+        assert det["size"] == [h, w] and len(det["detections"]) == len(pred["detection"]["boxes"])
+        assert Image.open(out / "detection" / f"{stem}_overlay.png").size == (w, h)
 
 
 def test_predict_cli_empty_or_missing_input_is_one_line_exit_2(run_dir, tmp_path, capsys):
@@ -339,7 +354,7 @@ def test_writers_follow_the_task_kind_not_the_name(model, tmp_path):
     assert (tmp_path / "out" / "seg" / "im_labels.png").is_file()
     assert json.loads((tmp_path / "out" / "room" / "im.json").read_text())["name"] in (
         "bedroom", "living_room", "office", "dining_room")  # fmt: skip
-    assert set(WRITERS) >= {"semseg", "depth", "normals", "edges", "classification"}
+    assert set(WRITERS) >= {"semseg", "depth", "normals", "edges", "classification", "detection"}
     raw = writer_for("a-kind-without-writer")
     assert isinstance(raw, RawWriter)
     record = raw.write(Target(tmp_path / "out", "t", "im"), None, torch.ones(2, 3), None, None)
@@ -352,14 +367,132 @@ def test_palette_colours_are_distinct_and_never_black():
     assert palette(13).tolist() == palette(256)[:13].tolist()  # fixed: independent of n
 
 
+# ---------------------------------------------------------------- detection
+
+
+def _detector(run_dir: Path, tmp: Path, shift: float) -> Path:
+    """The run's checkpoint with ``shift`` added to its detection head's class logits: three
+    training steps leave every score under the decoding threshold (0.05); +6 makes the trained,
+    spatially varying maps give boxes of several classes and sizes, -50 makes sure of none."""
+
+    def edit(ckpt):
+        n = ckpt["meta"]["tasks"]["detection"]["channels"]
+        key = [k for k, v in ckpt["model"].items()
+               if k.startswith("heads.detection.") and k.endswith(".bias") and v.shape == (n,)]
+        ckpt["model"][key[-1]][: n - 5] += shift  # channels [0, C) are the class logits
+
+    return _with(run_dir, tmp, edit)
+
+
+def _decoded_and_mapped(model: Predictor, image: torch.Tensor, fit: str) -> dict:
+    """The reference: the task's own decoding of the model's output at its input size, the
+    box corners then mapped by the placement (clipped to the image, empty boxes dropped)."""
+    x, place = model.prepare(image, fit)
+    with torch.no_grad():
+        det = model.tasks["detection"].postprocess(model.model(x[None])["detection"])[0]
+    b = det["boxes"]
+    h, w = place.size
+    xs = ((b[:, [0, 2]] - place.left) * w / place.width).clamp(0, w)
+    ys = ((b[:, [1, 3]] - place.top) * h / place.height).clamp(0, h)
+    keep = (xs[:, 1] > xs[:, 0]) & (ys[:, 1] > ys[:, 0])
+    boxes = torch.stack([xs[:, 0], ys[:, 0], xs[:, 1], ys[:, 1]], 1)[keep]
+    return {"boxes": boxes, "scores": det["scores"][keep], "labels": det["labels"][keep],
+            "place": place}  # fmt: skip
+
+
+@pytest.mark.parametrize("fit", ["resize", "pad"])
+def test_predict_writes_detections_decoded_at_the_model_size_and_mapped_back(
+    run_dir, tmp_path, capsys, fit
+):
+    ckpt = _detector(run_dir, tmp_path, shift=6.0)
+    rng = np.random.default_rng(3)
+    h, w = 80, 200  # 2.5x / 4.2x the model's 32x48, and another aspect ratio: pad adds rows
+    Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8)).save(tmp_path / "im.png")
+    out = tmp_path / "out"
+    rc = main(["predict", "--checkpoint", str(ckpt), "--input", str(tmp_path / "im.png"),
+               "--out", str(out), "--fit", fit, "--device", "cpu"])  # fmt: skip
+    assert rc == 0, capsys.readouterr().err
+    model = mtlcv.load(ckpt, device="cpu")
+    image = read_image(tmp_path / "im.png")
+    ref = _decoded_and_mapped(model, image, fit)
+    if fit == "pad":
+        assert ref["place"].top > 0 and ref["place"].height < 32  # a real border to cut
+    record = json.loads((out / "detection" / "im.json").read_text())
+    dets = record["detections"]
+    assert record["size"] == [h, w] and len(dets) == len(ref["boxes"]) >= 3
+    assert len({d["class"] for d in dets}) >= 2
+    boxes = torch.tensor([d["box"] for d in dets])
+    torch.testing.assert_close(boxes, ref["boxes"], rtol=0, atol=0.006)  # 2 decimals in JSON
+    assert (boxes[:, 2] > 48).any() and (boxes[:, 3] > 32).any()  # image pixels, not input
+    assert [d["class"] for d in dets] == ref["labels"].tolist()
+    np.testing.assert_allclose([d["score"] for d in dets], ref["scores"].numpy(), atol=6e-5)
+    assert model.class_names["detection"] == list(DET_CLASSES)
+    assert [d["name"] for d in dets] == [DET_CLASSES[d["class"]] for d in dets]
+    summary = json.loads((out / "predictions.json").read_text())
+    assert summary["images"][0]["outputs"]["detection"]["count"] == len(dets)
+    # the API gives the same boxes, as tensors
+    api = model.predict(tmp_path / "im.png", fit=fit)["detection"]
+    torch.testing.assert_close(api["boxes"], ref["boxes"], rtol=0, atol=1e-4)
+    # the overlay: the input where nothing is drawn, the best box's class colour on its
+    # bottom edge (the best box is drawn last; its label sits at its top)
+    overlay = np.asarray(Image.open(out / "detection" / "im_overlay.png"))
+    src = np.asarray(Image.open(tmp_path / "im.png"))
+    assert overlay.shape == src.shape and (overlay != src).any()
+    x1, y2, x2 = dets[0]["box"][0], dets[0]["box"][3], dets[0]["box"][2]
+    row, col = int(np.ceil(y2)) - 1, (int(np.floor(x1)) + int(np.ceil(x2)) - 1) // 2
+    assert overlay[row, col].tolist() == palette(len(DET_CLASSES))[dets[0]["class"]].tolist()
+    boxed = np.zeros((h, w), bool)  # every changed pixel is on a box or on its label, drawn
+    for d in dets:  # above it (<= 20 px) and moved left to stay inside the image (<= 100 px)
+        bx1, by1, bx2, by2 = d["box"]
+        boxed[max(0, int(by1) - 20) : int(np.ceil(by2)), max(0, min(int(bx1), w - 100)) :] = True
+    assert not ((overlay != src).any(-1) & ~boxed).any()
+
+
+def test_no_detection_writes_an_empty_list_and_the_image_unchanged(run_dir, tmp_path):
+    model = mtlcv.load(_detector(run_dir, tmp_path, shift=-50.0), device="cpu")
+    rng = np.random.default_rng(4)
+    a = rng.integers(0, 256, (40, 64, 3), dtype=np.uint8)
+    Image.fromarray(a).save(tmp_path / "im.png")
+    summary = predict_files(model, [str(tmp_path / "im.png")], tmp_path / "out", fit="pad")
+    record = json.loads((tmp_path / "out" / "detection" / "im.json").read_text())
+    assert record == {"size": [40, 64], "detections": []}
+    assert summary["images"][0]["outputs"]["detection"]["count"] == 0
+    overlay = Image.open(tmp_path / "out" / "detection" / "im_overlay.png")
+    assert np.array_equal(np.asarray(overlay), a)  # nothing drawn
+    det = model.predict(a)["detection"]
+    assert det["boxes"].shape == (0, 4) and det["scores"].shape == (0,)
+    assert det["labels"].dtype == torch.long
+    batch = model.predict(np.stack([a, a]))["detection"]
+    assert isinstance(batch, list) and len(batch) == 2 and batch[1]["boxes"].shape == (0, 4)
+
+
+def test_exported_detection_is_the_raw_map_and_decodes_with_the_task(run_dir, tmp_path):
+    """NMS is not in the graph: its output decoded by the task's postprocess gives the boxes
+    ``predict`` gives at the model's size."""
+    model = mtlcv.load(_detector(run_dir, tmp_path, shift=6.0), device="cpu")
+    report = export(model, "torchscript", tmp_path / "m.pt")
+    assert report["outputs"]["detection"]["shape"] == ["batch", 15, 32, 48]
+    assert "postprocess" in report["outputs"]["detection"]["is"]
+    x = torch.rand(2, 3, 32, 48)
+    raw = torch.jit.load(str(tmp_path / "m.pt"))(x)["detection"]
+    mine = model.tasks["detection"].postprocess(raw)
+    pred = model.predict(x)["detection"]
+    assert len(mine[0]["boxes"]) >= 3
+    for got, want in zip(mine, pred):
+        assert torch.equal(got["labels"], want["labels"])
+        torch.testing.assert_close(got["boxes"], want["boxes"], rtol=0, atol=1e-4)
+
+
 # ---------------------------------------------------------------- export
 
 
 def _random_model(arch: str) -> Predictor:
     """An untrained ``arch`` on tiny width-8 backbones at 32x48, with a dense and an
-    image-level task (every dense kind's output is one more [B, C, H, W] map to a graph)."""
-    opts = {"semseg": {"num_classes": 5}, "classification": {"num_classes": 3}}
-    names = ("semseg", "classification")
+    image-level task. The dense one is detection, whose raw map (3 classes + 5 channels) is
+    exported undecoded: to a graph every dense kind's output is one more [B, C, H, W] map of
+    its head (semseg, depth, normals and edges are exported with the trained run below)."""
+    opts = {"detection": {"num_classes": 3}, "classification": {"num_classes": 3}}
+    names = ("detection", "classification")
     tasks = {n: TASKS.create(n, **opts.get(n, {})) for n in names}
     for n, t in tasks.items():
         t.kind, t.options = n, opts.get(n, {})
@@ -427,7 +560,7 @@ def test_onnx_dynamo_exporter_and_metadata(tmp_path):
         torch.testing.assert_close(got, ref[n], rtol=1e-4, atol=1e-4)
     props = {p.key: p.value for p in onnx.load(str(tmp_path / "m.onnx")).metadata_props}
     meta = json.loads(props["mtlcv"])
-    assert meta["export"]["outputs"]["semseg"]["shape"] == ["batch", 5, 32, 48]
+    assert meta["export"]["outputs"]["detection"]["shape"] == ["batch", 8, 32, 48]
     assert meta["tasks"]["classification"]["kind"] == "classification"
 
 
@@ -441,14 +574,15 @@ def test_export_refuses_a_task_that_is_not_one_tensor(tmp_path):
 
         def forward(self, x):
             out = self.net(x)
-            out["semseg"] = [{"boxes": out["semseg"][i]} for i in range(len(x))]  # per image
+            out["detection"] = [{"boxes": out["detection"][i]} for i in range(len(x))]
             return out
 
     model.model = Boxes(model.model)
     pred = model.predict(torch.rand(2, 3, 32, 48))  # predict hands structured outputs through
-    assert isinstance(pred["semseg"], list) and pred["semseg"][1]["boxes"].shape == (5, 32, 48)
+    assert isinstance(pred["detection"], list)
+    assert pred["detection"][1]["boxes"].shape == (8, 32, 48)
     assert pred["classification"].shape == (2,)
-    with pytest.raises(ExportError, match="task 'semseg' \\(semseg\\) predicts a list") as e:
+    with pytest.raises(ExportError, match="task 'detection' \\(detection\\) predicts a list") as e:
         export(model, "torchscript", tmp_path / "m.pt")
     assert one_line(str(e.value)) and not (tmp_path / "m.pt").exists()
 
@@ -459,6 +593,7 @@ def test_export_cli_and_metadata_inside_the_file(run_dir, tmp_path, capsys, monk
                  str(out)]) == 0  # fmt: skip
     text = capsys.readouterr().out
     assert "input  image: float32 ['batch', 3, 32, 48]" in text and "output semseg" in text
+    assert "output detection" in text and "not in the graph" in text  # every kind, undecoded
     assert re.search(r"max \|diff\| vs PyTorch [\d.e+-]+ \(tolerance 1e-4\)", text)
     files = {"mtlcv.json": ""}
     torch.jit.load(str(out), _extra_files=files)

@@ -7,6 +7,11 @@ the task, holding its RAW head output (logits, metres, unnormalised normals: see
 fixed at export time. The checkpoint's metadata travels inside the file (TorchScript: the extra
 file ``mtlcv.json``; ONNX: the metadata property ``mtlcv``).
 
+A detection task's output is its raw head map ``[batch, classes + 5, H, W]``: decoding and
+per-class NMS (a data-dependent loop) are not in the graph; the task's
+:meth:`~mtlcv.tasks.detection.Detection.postprocess` decodes the output to boxes in the graph
+input's pixels (``docs/inference.md``).
+
 Every export is checked before the file is written: the exported graph runs a random batch of
 a size other than the one it was traced with (so a batch size baked into the graph is caught)
 and each output must match the PyTorch model within ``atol = rtol = 1e-4``; otherwise nothing

@@ -17,12 +17,19 @@ image's own size (:class:`Placement`): ``fit="resize"`` stretches the image (wha
 with every dataset here), ``fit="pad"`` keeps its aspect ratio, scaling it to fit and padding
 the rest with the model's mean colour (zero after the model's normalisation); the padded
 border is cut from the outputs before they are resized back.
+
+A dense output whose values are geometry in the model input's pixels cannot be resized as a map:
+detection's raw output holds box distances ``(l, t, r, b)`` in input pixels, so a map stretched
+to twice the size would still say "8 px" where the object now spans 16. Such a task kind
+registers a *decoder* (:func:`register_decoder`): its raw output is decoded at the model's
+input size (detection: the task's own :meth:`~mtlcv.tasks.detection.Detection.postprocess`,
+with its NMS) and the decoded prediction mapped to the image through the :class:`Placement`.
 """
 
 from __future__ import annotations
 
 import os
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -60,12 +67,61 @@ class Placement:
     height: int
     width: int
 
-    def to_image(self, y: float, x: float) -> tuple[float, float]:
-        """Input coordinates (pixel edges) -> image coordinates."""
+    def to_image(self, y: Any, x: Any) -> tuple[Any, Any]:
+        """Input coordinates (pixel edges) -> image coordinates (floats or tensors)."""
         return (
             (y - self.top) * self.size[0] / self.height,
             (x - self.left) * self.size[1] / self.width,
         )
+
+    def boxes_to_image(self, boxes: torch.Tensor) -> torch.Tensor:
+        """Boxes ``[N, 4]`` ``(x1, y1, x2, y2)`` in input pixels -> in image pixels, clipped to
+        the image (a box reaching into ``fit="pad"``'s border ends at the image's edge)."""
+        y1, x1 = self.to_image(boxes[:, 1], boxes[:, 0])
+        y2, x2 = self.to_image(boxes[:, 3], boxes[:, 2])
+        h, w = self.size
+        return torch.stack(
+            [x1.clamp(0, w), y1.clamp(0, h), x2.clamp(0, w), y2.clamp(0, h)], 1
+        ).reshape(-1, 4)
+
+
+#: task kind -> decoder ``(task, raw [C, h, w] at the model's input size, placement) ->
+#: prediction in the image's coordinates (on the CPU)``, for kinds whose raw map holds
+#: input-pixel geometry and so is decoded before it is mapped back (see the module docstring)
+DECODERS: dict[str, Callable[[Task, torch.Tensor, Placement], Any]] = {}
+
+
+def register_decoder(
+    kind: str,
+) -> Callable[[Callable[[Task, torch.Tensor, Placement], Any]], Callable[..., Any]]:
+    """Decorator: ``@register_decoder("detection")`` decodes that kind before mapping back."""
+
+    def deco(fn: Callable[[Task, torch.Tensor, Placement], Any]) -> Callable[..., Any]:
+        if kind in DECODERS:
+            raise ValueError(f"a decoder for task kind {kind!r} is registered twice")
+        DECODERS[kind] = fn
+        return fn
+
+    return deco
+
+
+@register_decoder("detection")
+def decode_boxes(task: Task, raw: torch.Tensor, place: Placement) -> dict[str, torch.Tensor]:
+    """One image's detections: ``task.postprocess`` at the model's input size (distances are in
+    input pixels there), the boxes then mapped to the image by ``place``.
+
+    Returns ``{"boxes": float [N, 4] (x1, y1, x2, y2) in image pixels, "scores": float [N],
+    "labels": long [N]}``, best first, on the CPU. A box left without area once clipped to the
+    image (one found wholly in ``fit="pad"``'s border) is dropped with its score and label.
+    """
+    det = task.postprocess(raw[None].float())[0]
+    boxes = place.boxes_to_image(det["boxes"].float().cpu())
+    keep = (boxes[:, 2] > boxes[:, 0]) & (boxes[:, 3] > boxes[:, 1])
+    return {
+        "boxes": boxes[keep],
+        "scores": det["scores"].float().cpu()[keep],
+        "labels": det["labels"].long().cpu()[keep],
+    }
 
 
 def _resize(x: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
@@ -141,38 +197,53 @@ class Predictor:
             batch_size: images per forward pass.
 
         Returns:
-            ``{task: tensor}`` on the CPU, each shaped like the batch contract's target at the
+            ``{task: output}`` on the CPU, each shaped like the batch contract's target at the
             image's size (``semseg``: long ``[B, H, W]`` class ids; ``depth``: ``[B, 1, H, W]``
             metres; ``normals``: ``[B, 3, H, W]`` unit vectors; ``edges``: bool
             ``[B, 1, H, W]``; ``classification``: long ``[B]``), without the ``B`` axis for a
-            single image; a list of such dicts for a list of images. With ``raw=True`` the
-            channels axis is kept (``[B, C, H, W]`` or ``[B, C]``).
+            single image; a list of such dicts for a list of images. ``detection`` gives per
+            image a dict ``{"boxes": float [N, 4] (x1, y1, x2, y2) in the image's pixels,
+            "scores": float [N], "labels": long [N]}``, best first (the task's decoding and
+            NMS at the model's input size, the boxes mapped to the image): that dict for a
+            single image, a list of B of them for a batch. With ``raw=True`` the channels
+            axis is kept (``[B, C, H, W]`` or ``[B, C]``); a kind decoded before mapping back
+            (detection) gives its raw map at the model's input size instead (``[B, C, h, w]``,
+            as an exported graph does; ``prepare`` gives each image's :class:`Placement`).
         """
+        decode = not raw
         if isinstance(images, (list, tuple)):
             tensors = [as_image(im) for im in images]
-            outs = self.predict_raw(tensors, fit=fit, batch_size=batch_size)
+            outs = self.predict_raw(tensors, fit=fit, batch_size=batch_size, decode=decode)
             return [self._finish({n: _stack([v]) for n, v in o.items()}, raw, 0) for o, _ in outs]
         batch = as_batch(images)
-        outs = [o for o, _ in self.predict_raw(list(batch), fit=fit, batch_size=batch_size)]
+        outs = self.predict_raw(list(batch), fit=fit, batch_size=batch_size, decode=decode)
+        outs = [o for o, _ in outs]
         stacked = {n: _stack([o[n] for o in outs]) for n in self.tasks}
         return self._finish(stacked, raw, None if batch_is_batched(images) else 0)
 
     def predict_raw(
-        self, images: Sequence[torch.Tensor], *, fit: str = "resize", batch_size: int = 16
-    ) -> list[tuple[dict[str, torch.Tensor], Placement]]:
+        self,
+        images: Sequence[torch.Tensor],
+        *,
+        fit: str = "resize",
+        batch_size: int = 16,
+        decode: bool = True,
+    ) -> list[tuple[dict[str, Any], Placement]]:
         """Raw outputs of every image (``[3, H, W]`` floats in [0, 1]) at its own size.
 
         Dense outputs are cut to the image's rectangle and resized bilinearly to ``(H, W)``
         (logits before the argmax, so the label map is smooth); image-level outputs are as
-        the model gave them. Returns ``[({task: [C, H, W] or [C]}, Placement), ...]`` on the
-        CPU, in order.
+        the model gave them. A kind with a decoder (:data:`DECODERS`: detection) is decoded at
+        the model's input size and mapped to the image (its prediction, not a raw map), or,
+        with ``decode=False``, left as its raw map at the model's input size. Returns
+        ``[({task: [C, H, W] or [C] or decoded}, Placement), ...]`` on the CPU, in order.
         """
         if fit not in FITS:
             raise ConfigError(f"fit: got {fit!r}, expected one of {', '.join(FITS)}")
         if batch_size < 1:
             raise ConfigError(f"batch_size: got {batch_size}, expected a positive integer")
         prepared = [self.prepare(im, fit) for im in images]
-        results: list[tuple[dict[str, torch.Tensor], Placement]] = []
+        results: list[tuple[dict[str, Any], Placement]] = []
         i = 0
         while i < len(prepared):
             # one forward per run of equal input sizes (all of them unless input_size is None)
@@ -186,7 +257,9 @@ class Predictor:
             with torch.no_grad():
                 out = self.model(x)
                 for k, (_, place) in enumerate(prepared[i:j]):
-                    restored = {n: self.restore(out[n][k], n, place) for n in self.tasks}
+                    restored = {
+                        n: self.restore(out[n][k], n, place, decode=decode) for n in self.tasks
+                    }
                     results.append((restored, place))
             i = j
         return results
@@ -206,12 +279,20 @@ class Predictor:
         canvas[:, top : top + rh, left : left + rw] = _resize(image[None].float(), (rh, rw))[0]
         return canvas, Placement((h0, w0), size, top, left, rh, rw)
 
-    def restore(self, out: Any, task: str, place: Placement) -> Any:
-        """One image's raw output at the model size -> at the image's size, on the CPU."""
+    def restore(self, out: Any, task: str, place: Placement, *, decode: bool = True) -> Any:
+        """One image's raw output at the model size -> at the image's size, on the CPU.
+
+        A kind with a decoder (:data:`DECODERS`) is decoded at the model size and mapped by
+        ``place`` (or, with ``decode=False``, returned as it is, at the model size).
+        """
         if not isinstance(out, torch.Tensor):
             return out  # a structured prediction (e.g. boxes): its writer maps it with place
+        t = self.tasks[task]
+        decoder = DECODERS.get(getattr(t, "kind", t.name))  # a task built by hand has no kind
+        if decoder is not None:  # input-pixel geometry: never resized as a map
+            return decoder(t, out, place) if decode else out.float().cpu()
         out = out.float()
-        if self.tasks[task].dense:  # on the model's device: resizing there is the fast part
+        if t.dense:  # on the model's device: resizing there is the fast part
             p = place
             out = out[:, p.top : p.top + p.height, p.left : p.left + p.width]
             if (p.height, p.width) != p.size:
@@ -222,7 +303,7 @@ class Predictor:
         self, outs: dict[str, torch.Tensor], raw: bool, index: int | None
     ) -> dict[str, torch.Tensor]:
         """Batched raw outputs -> post-processed (unless ``raw``); item ``index`` if not None."""
-        if not raw:  # structured predictions (lists, e.g. boxes per image) are kept as they are
+        if not raw:  # structured or decoded predictions (dicts per image) stay as they are
             outs = {
                 n: self.tasks[n].postprocess(o) if isinstance(o, torch.Tensor) else o
                 for n, o in outs.items()

@@ -2,8 +2,8 @@
 
 :data:`WRITERS` maps a registered task kind to its :class:`Writer`; a task is written by the
 writer of its kind whatever its name (``left`` and ``right`` of kind ``classification`` both get
-the classification writer). A new kind (e.g. detection) adds one entry with
-:func:`register_writer`; a kind without one has its raw output saved as ``.npy``.
+the classification writer). A new kind adds one entry with :func:`register_writer`; a kind
+without one has its raw output saved as ``.npy``.
 
 For an image ``photo.jpg`` and a task named ``T``, files go to ``OUT/T/``:
 
@@ -22,7 +22,18 @@ For an image ``photo.jpg`` and a task named ``T``, files go to ``OUT/T/``:
                    at the task's threshold
 ``classification`` ``photo.json``: class id, name, probability and the top 5; ``photo_overlay.png``:
                    the image with the predicted class written on it
+``detection``      ``photo.json``: ``{"size": [H, W], "detections": [{"class", "name", "score",
+                   "box": [x1, y1, x2, y2]}, ...]}``, best first, boxes in the original image's
+                   pixels (edges: a box covering pixel columns 0..9 has x1 = 0, x2 = 10); an
+                   empty list when nothing is detected. ``photo_overlay.png``: the image with
+                   every box outlined in its class's palette colour (:func:`palette`) and
+                   labelled ``name score``, the best drawn last (on top)
 =================  ===========================================================================
+
+Detection is decoded (the task's ``postprocess``: score threshold, per-class NMS) at the model's
+input size, where its box distances are in pixels, and the boxes are then mapped to the image
+through the :class:`~mtlcv.inference.predictor.Placement` (the predictor's ``DECODERS``); its
+writer receives the decoded boxes, not a map.
 
 Every writer also returns a small JSON record for ``OUT/predictions.json``. ``raw_output``
 says what the raw head output of the kind is (exported graphs' outputs are raw).
@@ -74,7 +85,9 @@ class Writer:
     def write(
         self, target: Target, task: Task, raw: Any, image: torch.Tensor, place: Placement
     ) -> dict[str, Any]:
-        """Write ``raw`` (the task's raw output at the image's size) for ``image`` ``[3,H,W]``."""
+        """Write ``raw`` for ``image`` ``[3, H, W]``: the task's raw output at the image's size,
+        or, for a kind decoded before mapping back (detection), its decoded prediction in the
+        image's coordinates."""
         raise NotImplementedError
 
 
@@ -273,6 +286,66 @@ class ClassificationWriter(Writer):
         overlay = target.path("_overlay.png")
         img.save(overlay)
         return {"files": [target.rel(js), target.rel(overlay)], **record}
+
+
+@register_writer("detection")
+class DetectionWriter(Writer):
+    raw_output = (
+        "[B, classes + 5, H, W] at the input size: class logits (the task adds its prior "
+        "log(0.01 / 0.99)), box distances l, t, r, b (pixels = 16 * softplus), a centerness "
+        "logit; decode (NMS) with the task's postprocess, which is not in the graph"
+    )
+
+    def write(
+        self, target: Target, task: Task, raw: Any, image: torch.Tensor, place: Placement
+    ) -> dict[str, Any]:
+        from PIL import Image, ImageDraw
+
+        n = task.num_classes
+        names, colours = _names(target.class_names, n), palette(n)
+        detections = [
+            {"class": c, "name": names[c], "score": round(s, 4), "box": [round(v, 2) for v in b]}
+            for b, s, c in zip(
+                raw["boxes"].tolist(), raw["scores"].tolist(), raw["labels"].tolist()
+            )
+        ]
+        js = target.path(".json")
+        rows = ",\n  ".join(json.dumps(d) for d in detections)  # one detection per line
+        rows = f"\n  {rows}\n " if rows else ""
+        size = json.dumps(list(place.size))
+        js.write_text(f'{{\n "size": {size},\n "detections": [{rows}]\n}}\n')
+        img = Image.fromarray(to_uint8(image))
+        draw = ImageDraw.Draw(img)
+        h, w = place.size
+        width = max(1, round(min(h, w) / 150))
+        font = _font(max(10, min(h, w) // 30))
+        pad = 2
+        for det, box in zip(reversed(detections), reversed(raw["boxes"].tolist())):
+            # box edges -> the pixels the box covers: columns floor(x1) .. ceil(x2) - 1
+            x1, y1 = int(np.floor(box[0])), int(np.floor(box[1]))
+            x2, y2 = max(x1, int(np.ceil(box[2])) - 1), max(y1, int(np.ceil(box[3])) - 1)
+            colour = tuple(colours[det["class"]].tolist())
+            draw.rectangle((x1, y1, x2, y2), outline=colour, width=width)
+            text = f"{det['name']} {det['score']:.2f}"
+            tb = draw.textbbox((0, 0), text, font=font)
+            tw, th = tb[2] - tb[0] + 2 * pad, tb[3] - tb[1] + 2 * pad
+            # the label above the box (inside its top edge where there is no room), moved left
+            # where it would leave the image
+            tx, ty = max(0, min(x1, w - tw)), (y1 - th if y1 >= th else y1)
+            draw.rectangle((tx, ty, tx + tw - 1, ty + th - 1), fill=colour)
+            dark = 0.299 * colour[0] + 0.587 * colour[1] + 0.114 * colour[2] < 128
+            draw.text((tx + pad - tb[0], ty + pad - tb[1]), text, font=font,
+                      fill="white" if dark else "black")  # fmt: skip
+        overlay = target.path("_overlay.png")
+        img.save(overlay)
+        per_class: dict[str, int] = {}
+        for det in detections:
+            per_class[det["name"]] = per_class.get(det["name"], 0) + 1
+        return {
+            "files": [target.rel(js), target.rel(overlay)],
+            "count": len(detections),
+            "per_class": per_class,
+        }
 
 
 class RawWriter(Writer):
