@@ -9,13 +9,16 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
+import signal
 import sys
+import threading
 import time
 from collections.abc import Sequence
 from pathlib import Path
 
 from . import __version__
-from .errors import ConfigError, MtlcvError
+from .errors import CheckpointError, ConfigError, MtlcvError, Preempted
 
 
 def _console():  # rich is imported lazily: `mtlcv --help` stays fast
@@ -46,26 +49,63 @@ def _positive(text: str) -> int:
 
 
 # ---------------------------------------------------------------------- commands
+def new_run_dir(parent: Path, name: str) -> Path:
+    """A fresh ``parent/NAME-YYYYmmdd-HHMMSS[-k]``, created atomically: two launches in the same
+    second get different folders (mkdir either creates a folder or fails, never both)."""
+    from .engine.checkpoint import _reason
+
+    stamp = f"{name}-{time.strftime('%Y%m%d-%H%M%S')}"
+    try:
+        parent.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise ConfigError(f"cannot create {str(parent)!r}: {_reason(exc)}") from None
+    for k in range(1, 1000):
+        path = parent / (stamp if k == 1 else f"{stamp}-{k}")
+        try:
+            path.mkdir()
+            return path
+        except FileExistsError:
+            continue
+        except OSError as exc:
+            raise ConfigError(f"cannot create the run directory {str(path)!r}: {_reason(exc)}") \
+                from None
+    raise ConfigError(f"cannot find a free run directory name {stamp}-k in {str(parent)!r}")
+
+
 def cmd_train(args: argparse.Namespace) -> int:
     from .config import load
+    from .engine import distributed
     from .engine.trainer import train
 
+    restarted = distributed.restart_count() > 0
+    under_torchrun = distributed.env_world_size() > 1 or "TORCHELASTIC_RUN_ID" in os.environ
     if args.resume and args.out is None:
         raise ConfigError("--resume needs --out DIR, the run directory to continue")
-    if args.config is None and not args.resume:
+    if under_torchrun and args.out is None:
+        raise ConfigError(
+            "under torchrun pass --out DIR: every process and every restart must name the same "
+            "run directory"
+        )
+    out = Path(args.out) if args.out is not None else None
+    # continue when asked, when told to continue whatever is there, and after torchrun restarted
+    # a failed worker group (the run directory then holds the last checkpoint)
+    resume = args.resume or (
+        (args.auto_resume or restarted) and out is not None and (out / "last.pt").is_file()
+    )
+    if args.config is None and not resume:
         raise ConfigError("train needs --config FILE (see configs/ for ready experiments)")
     config = args.config
     if config is None:  # resume with the run's own config
-        config = Path(args.out) / "config.yaml"
+        config = out / "config.yaml"
     cfg = load(config, args.set)
-    out = (
-        Path(args.out)
-        if args.out
-        else Path("runs") / f"{cfg.name}-{time.strftime('%Y%m%d-%H%M%S')}"
-    )
-    results = train(cfg, out, resume=args.resume)
-    if results is not None:
-        _print_results(results, out)
+    if out is None:
+        out = new_run_dir(Path("runs"), cfg.name)
+    try:
+        results = train(cfg, out, resume=resume)
+        if results is not None and distributed.is_main():
+            _print_results(results, out)
+    finally:
+        distributed.shutdown()
     return 0
 
 
@@ -94,9 +134,17 @@ def cmd_eval(args: argparse.Namespace) -> int:
     if not (run / "config.yaml").is_file():
         raise ConfigError(f"--run {str(run)!r} is not a run directory (no config.yaml)")
     cfg = load(run / "config.yaml", args.set)
+    path = run / f"{args.checkpoint}.pt"
+    ckpt = load_checkpoint(path)  # before building: a bad file costs no data loading
     exp = build(cfg, splits=(args.split,))
-    ckpt = load_checkpoint(run / f"{args.checkpoint}.pt", map_location=exp.device)
-    exp.model.load_state_dict(ckpt["model"])
+    try:
+        exp.model.load_state_dict(ckpt["model"])
+    except (KeyError, RuntimeError, TypeError, ValueError, AttributeError) as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise CheckpointError(
+            f"checkpoint {str(path)!r} does not match the model of {str(run / 'config.yaml')!r} "
+            f"(model.arch {cfg.model.arch!r}): {first[:160]}"
+        ) from None
     loader = make_loader(cfg, exp.datasets[args.split], train=False)
     metrics = evaluate(exp.model, exp.tasks, loader, exp.device)
     result = {
@@ -129,6 +177,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
 def cmd_compare(args: argparse.Namespace) -> int:
     from .analysis.tables import metric_directions
     from .config import apply_overrides, read_yaml
+    from .engine.checkpoint import atomic_write_text
     from .engine.grid import grid_table, markdown_table, parse_vary, run_grid, summarise
 
     base = apply_overrides(read_yaml(args.config), args.set)
@@ -138,8 +187,8 @@ def cmd_compare(args: argparse.Namespace) -> int:
     higher = metric_directions(next(iter(vs[0].runs.values())))
     rows = summarise(vs, base_v, higher)
     out = Path(args.out)
-    (out / "summary.json").write_text(json.dumps(rows, indent=2))
-    (out / "summary.md").write_text(markdown_table(rows, higher) + "\n")
+    atomic_write_text(json.dumps(rows, indent=2), out / "summary.json")
+    atomic_write_text(markdown_table(rows, higher) + "\n", out / "summary.md")
     if args.json:
         print(json.dumps(rows, indent=2))
         return 0
@@ -246,6 +295,12 @@ def build_parser() -> argparse.ArgumentParser:
     _add_set(t, "override a config key, e.g. --set optim.lr=1e-4 (repeatable)")
     t.add_argument("--out", help="run directory (default runs/NAME-TIMESTAMP)")
     t.add_argument("--resume", action="store_true", help="continue the run in --out exactly")
+    t.add_argument(
+        "--auto-resume",
+        action="store_true",
+        help="continue the run in --out when it holds a checkpoint, else start it (for jobs "
+        "that a scheduler requeues; torchrun restarts do this by themselves)",
+    )
     t.set_defaults(func=cmd_train)
 
     e = sub.add_parser("eval", help="evaluate a run's checkpoint on a split")
@@ -336,19 +391,49 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+class Terminated(Exception):
+    """SIGTERM outside training (training handles it itself: it saves a checkpoint first)."""
+
+
+def _on_sigterm(signum: int, frame: object) -> None:
+    raise Terminated()
+
+
+def _rank_prefix() -> str | None:
+    """'' for rank 0 (or a single process), '[rank r] ' for others; None: print nothing."""
+    from .engine import distributed
+
+    return "" if distributed.rank() == 0 else f"[rank {distributed.rank()}] "
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    previous = None
+    if threading.current_thread() is threading.main_thread():
+        previous = signal.signal(signal.SIGTERM, _on_sigterm)
     try:
         return args.func(args)
+    except Preempted as exc:
+        if _rank_prefix() == "":
+            print(f"mtlcv: {exc}", file=sys.stderr)
+        return exc.exit_code
     except MtlcvError as exc:
-        print(f"mtlcv: error: {exc}", file=sys.stderr)
+        prefix = _rank_prefix()
+        if prefix == "" or not getattr(exc, "agreed", False):
+            print(f"mtlcv: {prefix}error: {exc}", file=sys.stderr)
         return exc.exit_code
     except KeyboardInterrupt:
         print(
-            "mtlcv: interrupted; the last finished epoch is saved (continue with --resume)",
+            "mtlcv: interrupted; the last checkpoint is kept (continue with --resume)",
             file=sys.stderr,
         )
         return 130
+    except Terminated:
+        print("mtlcv: terminated by SIGTERM", file=sys.stderr)
+        return 128 + signal.SIGTERM
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -38,7 +38,13 @@ def evaluate(
     loader: Iterable[Mapping[str, Any]],
     device: torch.device,
 ) -> Metrics:
-    """Run ``model`` over ``loader``; return ``{task: {metric: value}}`` over the whole split."""
+    """Run ``model`` over ``loader``; return ``{task: {metric: value}}`` over the whole split.
+
+    With several processes (engine/distributed.py) ``loader`` is this process's shard of the
+    split; the metrics' states are merged exactly across processes before computing.
+    """
+    from .distributed import merge_metrics
+
     was_training = model.training
     model.eval()
     metrics = {name: task.new_metric() for name, task in tasks.items()}
@@ -52,4 +58,4 @@ def evaluate(
         for name in tasks:
             metrics[name].update(preds[name], batch[name])
     model.train(was_training)
-    return {name: m.compute() for name, m in metrics.items()}
+    return merge_metrics(metrics)

@@ -16,7 +16,7 @@ from torch.utils.data import DataLoader
 
 from ..analysis.baselines import get_baseline
 from ..config import ExperimentConfig
-from ..errors import ConfigError, MtlcvError
+from ..errors import ConfigError, DataError, MtlcvError
 from ..registry import DATASETS, TASKS
 from ..tasks.base import Task
 
@@ -47,14 +47,21 @@ def resolve_device(name: str) -> torch.device:
 
 def build_dataset(cfg: ExperimentConfig, split: str) -> Any:
     d = cfg.data
-    ds = DATASETS.create(
-        d.name,
-        where="data.name",
-        split=split,
-        root=d.root,
-        augment=d.augment and split == "train",
-        **d.options,
-    )
+    try:
+        ds = DATASETS.create(
+            d.name,
+            where="data.name",
+            split=split,
+            root=d.root,
+            augment=d.augment and split == "train",
+            **d.options,
+        )
+    except OSError as exc:  # a file-system problem with the data: one line naming the path
+        path = exc.filename or d.root
+        reason = exc.strerror or type(exc).__name__
+        raise DataError(
+            f"data ({d.name!r}, split {split}): cannot use {str(path)!r}: {reason}"
+        ) from None
     missing = [t for t in cfg.tasks if t not in getattr(ds, "targets", ())]
     if missing:
         raise ConfigError(
@@ -79,6 +86,34 @@ def build_tasks(cfg: ExperimentConfig, dataset: Any) -> dict[str, Task]:
         task.name = t
         tasks[t] = task
     return tasks
+
+
+def check_input_size(
+    cfg: ExperimentConfig, model: torch.nn.Module, dataset: Any, device: torch.device
+) -> None:
+    """Run ``model`` once on one blank image of the dataset's size; a ConfigError naming the
+    architecture, the backbone and the size when it cannot process it (e.g. SegNet's unpooling
+    with a size not divisible by its stride), instead of a traceback at the first step."""
+    if len(dataset) == 0:
+        return
+    with torch.random.fork_rng(devices=[]):  # an augmenting dataset draws from the global RNG
+        image = dataset[0]["image"]
+    size = tuple(image.shape[-2:])
+    was = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            model(torch.zeros(1, *image.shape, device=device, dtype=image.dtype))
+    except (RuntimeError, ValueError) as exc:
+        backbone = cfg.model.backbone.get("name")
+        strides = getattr(getattr(model, "backbone", None), "stage_strides", None)
+        hint = f"; try a size divisible by {max(strides)}" if strides else ""
+        raise ConfigError(
+            f"model.arch {cfg.model.arch!r} with backbone {backbone!r} cannot process "
+            f"{size[0]}x{size[1]} images ({str(exc).splitlines()[0][:120]}){hint}"
+        ) from None
+    finally:
+        model.train(was)
 
 
 def build_model(cfg: ExperimentConfig, tasks: dict[str, Task]) -> torch.nn.Module:
@@ -122,27 +157,64 @@ def build_scheduler(cfg: ExperimentConfig, opt: torch.optim.Optimizer) -> Any:
     return torch.optim.lr_scheduler.LambdaLR(opt, lambda _: 1.0)
 
 
-def make_loader(cfg: ExperimentConfig, ds: Any, train: bool, seed: int = 0) -> DataLoader:
+def make_loader(
+    cfg: ExperimentConfig,
+    ds: Any,
+    train: bool,
+    seed: int = 0,
+    *,
+    epoch: int = 0,
+    start: int = 0,
+    rank: int = 0,
+    world: int = 1,
+) -> DataLoader:
+    """The loader of one split for this process.
+
+    Training: the order of epoch ``epoch`` is drawn from ``seed`` (the trainer passes
+    ``cfg.seed + epoch``), global batches of ``batch_size * world`` samples, this process's part
+    of each (:class:`~mtlcv.engine.distributed.ShardedBatchSampler`), starting at global batch
+    ``start`` (mid-epoch resume); each sample's augmentation is drawn from ``(seed, epoch,
+    index)`` (:class:`~mtlcv.engine.distributed.SampleSeeded`), so it depends neither on the
+    process, the worker nor the position. Evaluation: in order, process ``rank`` takes samples
+    ``rank, rank + world, ...`` (every sample exactly once; no padding).
+    """
+    from .distributed import SampleSeeded, ShardedBatchSampler
+
     bs = cfg.data.batch_size if train else (cfg.data.eval_batch_size or cfg.data.batch_size)
-    gen = torch.Generator()
-    gen.manual_seed(seed)
+    gen = torch.Generator()  # the workers' base seed
+    gen.manual_seed(int(seed) % 2**64)
+    if train:
+        sampler = ShardedBatchSampler(len(ds), bs, seed=seed, world=world, rank=rank, start=start)
+        return DataLoader(
+            SampleSeeded(ds, seed, epoch),
+            batch_sampler=sampler,
+            num_workers=cfg.data.num_workers,
+            generator=gen,
+            persistent_workers=False,
+        )
+    if world > 1:
+        ds = torch.utils.data.Subset(ds, range(rank, len(ds), world))
     return DataLoader(
         ds,
         batch_size=bs,
-        shuffle=train,
-        drop_last=train and len(ds) > bs,
+        shuffle=False,
         num_workers=cfg.data.num_workers,
         generator=gen,
         persistent_workers=False,
     )
 
 
-def build(cfg: ExperimentConfig, splits: tuple[str, ...] = ("train", "val", "test")) -> Experiment:
+def build(
+    cfg: ExperimentConfig,
+    splits: tuple[str, ...] = ("train", "val", "test"),
+    device: torch.device | None = None,
+) -> Experiment:
+    """Every piece of ``cfg`` on ``device`` (default: ``train.device`` resolved)."""
     datasets = {s: build_dataset(cfg, s) for s in splits}
     tasks = build_tasks(cfg, datasets[splits[0]])
     model = build_model(cfg, tasks)
     balancer = build_balancer(cfg)
-    device = resolve_device(cfg.train.device)
+    device = resolve_device(cfg.train.device) if device is None else device
     return Experiment(cfg, tasks, datasets, model.to(device), balancer.to(device), device)
 
 

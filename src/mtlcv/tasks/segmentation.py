@@ -82,6 +82,9 @@ class Segmentation(Task):
         )
         return total / (target != self.ignore_index).sum().clamp(min=1)
 
+    def loss_count(self, target: torch.Tensor) -> torch.Tensor:
+        return (target != self.ignore_index).sum().float()
+
     def new_metric(self) -> ConfusionMetric:
         return ConfusionMetric(self)
 
