@@ -240,18 +240,17 @@ def validate(cfg: ExperimentConfig) -> ExperimentConfig:
     if not 0 <= cfg.seed < 2**64:
         raise ConfigError(f"config key 'seed': got {cfg.seed}, expected an integer in [0, 2^64)")
     numbers = {
-        # key: (value, lowest allowed, lowest excluded, highest excluded)
-        "optim.lr": (cfg.optim.lr, 0.0, True, None),
-        "optim.weight_decay": (cfg.optim.weight_decay, 0.0, False, None),
-        "optim.momentum": (cfg.optim.momentum, 0.0, False, 1.0),
-        "schedule.gamma": (cfg.schedule.gamma, 0.0, True, None),
+        # key: (value, low, low allowed, high (excluded) or None, what is expected)
+        "optim.lr": (cfg.optim.lr, 0.0, False, None, "a positive number"),
+        "optim.weight_decay": (cfg.optim.weight_decay, 0.0, True, None, "a number >= 0"),
+        "optim.momentum": (cfg.optim.momentum, 0.0, True, 1.0, "a number in [0, 1)"),
+        # a negative factor would turn the steps into gradient ascent
+        "schedule.gamma": (cfg.schedule.gamma, 0.0, False, None, "a positive number"),
     }
-    for key, (value, low, open_low, high) in numbers.items():
-        bad = not math.isfinite(value) or value < low or (open_low and value == low)
-        bad = bad or (high is not None and value >= high)
-        if bad:
-            want = f"{'>' if open_low else '>='} {low:g}" + (f" and < {high:g}" if high else "")
-            raise ConfigError(f"config key {key!r}: got {value}, expected a finite number {want}")
+    for key, (value, low, low_ok, high, want) in numbers.items():
+        ok = math.isfinite(value) and (value > low or (low_ok and value == low))
+        if not ok or (high is not None and value >= high):
+            raise ConfigError(f"config key {key!r}: got {value}, expected {want}")
     if cfg.data.num_workers < 0:
         raise ConfigError(
             f"config key 'data.num_workers': got {cfg.data.num_workers}, expected >= 0"

@@ -118,18 +118,25 @@ class EpochProgress:
     """What the current epoch has accumulated so far (saved in mid-epoch checkpoints)."""
 
     sums: torch.Tensor  # per-task loss sums over the steps taken, float64
+    counts: torch.Tensor  # per-task valid target elements seen (all processes), float64
     logs: dict[str, float] = field(default_factory=dict)
     train_time: float = 0.0
     skipped: int = 0
 
+    @classmethod
+    def new(cls, tasks: int) -> EpochProgress:
+        return cls(torch.zeros(tasks, dtype=torch.float64), torch.zeros(tasks, dtype=torch.float64))
+
     def state(self) -> dict[str, Any]:
-        return {"sums": self.sums.clone(), "logs": dict(self.logs),
+        return {"sums": self.sums.clone(), "counts": self.counts.clone(), "logs": dict(self.logs),
                 "train_time": self.train_time, "skipped": self.skipped}
 
     @classmethod
     def from_state(cls, s: dict[str, Any]) -> EpochProgress:
-        return cls(torch.as_tensor(s["sums"], dtype=torch.float64).clone(), dict(s["logs"]),
-                   float(s["train_time"]), int(s["skipped"]))
+        sums = torch.as_tensor(s["sums"], dtype=torch.float64).clone()
+        counts = torch.as_tensor(s.get("counts", torch.ones_like(sums)), dtype=torch.float64)
+        return cls(sums, counts.clone(), dict(s["logs"]), float(s["train_time"]),
+                   int(s["skipped"]))
 
 
 class Trainer:
@@ -290,7 +297,6 @@ class Trainer:
         self.history: list[dict[str, Any]] = []
         self.best: dict[str, Any] | None = None
         self.elapsed = 0.0
-        self._checked_batch = False
         # several processes: the balancer draws from a stream shared by all of them (identical
         # updates); everything else (dropout) from a stream of each process's own
         self.shared_rng: torch.Tensor | None = None
@@ -457,7 +463,7 @@ class Trainer:
         total = loader.batch_sampler.batches()
         steps = total if cfg.train.max_steps is None else min(total, cfg.train.max_steps)
         if self.progress is None:
-            self.progress = EpochProgress(torch.zeros(len(self.names), dtype=torch.float64))
+            self.progress = EpochProgress.new(len(self.names))
         prog = self.progress
         self.model.train()
         bar = self._progress()
@@ -474,6 +480,7 @@ class Trainer:
                 out = self.train_step(batch)
                 self.step += 1
                 self.global_step += 1
+                prog.counts += self._counts
                 if out is None:
                     prog.skipped += 1
                 else:
@@ -506,9 +513,7 @@ class Trainer:
         logs, or None when the step was skipped (a non-finite loss with ``on_nonfinite: skip``).
         """
         batch = to_device(batch, self.device)
-        if not self._checked_batch:
-            check_batch(batch, self.tasks)
-            self._checked_batch = True
+        check_batch(batch, self.tasks)  # every batch: a bad label is one line, not an IndexError
         preds = self.model(batch["image"])
         losses = self._losses(preds, batch)
         if not torch.isfinite(losses).all():
@@ -544,6 +549,7 @@ class Trainer:
         return self._stop_flag
 
     _stop_flag = False
+    _counts: torch.Tensor | None = None
 
     @contextlib.contextmanager
     def _shared_rng(self) -> Iterator[None]:
@@ -589,15 +595,17 @@ class Trainer:
             for weight, pred in aux.get(n, ()):
                 loss = loss + weight * task.loss(pred, batch[n])
             out.append(loss)
+        counts = torch.stack([self.tasks[n].loss_count(batch[n]).double().cpu()
+                              for n in self.names])
+        self._counts = counts
         if self.ctx is None:
             return torch.stack(out)
         T = len(out)
-        counts = torch.stack([self.tasks[n].loss_count(batch[n]).double().cpu()
-                              for n in self.names])
         values = torch.stack([v.detach().double().cpu() for v in out])
         buf = torch.cat([values * counts, counts, torch.tensor([float(self._signal is not None)],
                                                               dtype=torch.float64)])
         distributed.all_reduce(buf, "sum")
+        self._counts = buf[T : 2 * T].clone()
         total = buf[T : 2 * T].clamp(min=1.0)
         global_loss = buf[:T] / total
         share = counts * distributed.world_size() / total
@@ -726,8 +734,14 @@ class Trainer:
         start = time.perf_counter()
         prior = self.progress.train_time if self.progress is not None else 0.0
         train_losses, logs, steps = self.train_epoch()
-        skipped = self.progress.skipped if self.progress is not None else 0
-        train_time = self.progress.train_time if self.progress is not None else 0.0
+        assert self.progress is not None
+        skipped, train_time = self.progress.skipped, self.progress.train_time
+        for n, c in zip(self.names, self.progress.counts.tolist()):
+            if c == 0 and steps > skipped:
+                self.log(
+                    f"warning: task {n!r} had no valid target in epoch {self.epoch + 1} (every "
+                    "label ignored or value missing): its loss was 0 and it did not learn"
+                )
         val = evaluate(self.model, self.tasks, self.val_loader, self.device)
         kpis = [self.tasks[n].kpi(val[n]) for n in self.names]
         self.balancer.on_epoch_end(self.epoch, list(train_losses.values()), kpis)
