@@ -403,7 +403,8 @@ def _rank_prefix() -> str | None:
     """'' for rank 0 (or a single process), '[rank r] ' for others; None: print nothing."""
     from .engine import distributed
 
-    return "" if distributed.rank() == 0 else f"[rank {distributed.rank()}] "
+    rank = int(os.environ.get("RANK", "0")) if distributed.env_world_size() > 1 else 0
+    return "" if rank == 0 else f"[rank {rank}] "
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -431,6 +432,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     except Terminated:
         print("mtlcv: terminated by SIGTERM", file=sys.stderr)
         return 128 + signal.SIGTERM
+    except RuntimeError as exc:
+        from .engine import distributed
+
+        if distributed.env_world_size() <= 1:
+            raise
+        # a collective failed: another process of the group died (torchrun restarts or stops
+        # the group); one line, not a traceback of every survivor
+        first = str(exc).strip().splitlines()[0][:200] if str(exc).strip() else "RuntimeError"
+        print(f"mtlcv: {_rank_prefix()}error: the process group failed ({first})",
+              file=sys.stderr)
+        return 1
     finally:
         if previous is not None:
             signal.signal(signal.SIGTERM, previous)

@@ -133,7 +133,13 @@ def init(device: str = "auto") -> Context | None:
         backend = "gloo"
     if not dist.is_initialized():
         minutes = float(os.environ.get("MTLCV_DIST_TIMEOUT_MIN", "30"))
-        dist.init_process_group(backend, timeout=datetime.timedelta(minutes=minutes))
+        timeout = datetime.timedelta(minutes=minutes)
+        # the store torchrun's agent keeps may still hold the keys (process addresses) of the
+        # workers of an earlier attempt; a prefix per restart keeps the new group from reading
+        # a dead worker's address
+        store, r, w = next(dist.rendezvous("env://", timeout=timeout))
+        store = dist.PrefixStore(f"mtlcv/attempt{restart_count()}/", store)
+        dist.init_process_group(backend, store=store, rank=r, world_size=w, timeout=timeout)
     _ctx = Context(rank, world, local, backend, dev)
     return _ctx
 
