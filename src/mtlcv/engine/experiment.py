@@ -106,11 +106,10 @@ def check_input_size(
             model(torch.zeros(1, *image.shape, device=device, dtype=image.dtype))
     except (RuntimeError, ValueError) as exc:
         backbone = cfg.model.backbone.get("name")
-        strides = getattr(getattr(model, "backbone", None), "stage_strides", None)
-        hint = f"; try a size divisible by {max(strides)}" if strides else ""
         raise ConfigError(
             f"model.arch {cfg.model.arch!r} with backbone {backbone!r} cannot process "
-            f"{size[0]}x{size[1]} images ({str(exc).splitlines()[0][:120]}){hint}"
+            f"{size[0]}x{size[1]} images ({str(exc).splitlines()[0][:120]}); use larger images "
+            "or a backbone that downsamples less"
         ) from None
     finally:
         model.train(was)
