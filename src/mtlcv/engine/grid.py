@@ -55,7 +55,7 @@ def safe_label(value: str) -> str:
     """A folder name for a varied value: path separators and other characters that are not
     letters, digits, ``.``, ``_`` or ``-`` become ``_`` and leading dots are dropped, so that
     ``--vary data.root=/data/a`` names ``data_a`` inside ``--out`` and never a path outside it."""
-    text = re.sub(r"[^A-Za-z0-9._-]+", "_", value).strip("_").lstrip(".")
+    text = re.sub(r"[^A-Za-z0-9._-]+", "_", value).lstrip("._").rstrip("_")
     return text or "_"
 
 
