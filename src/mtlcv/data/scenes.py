@@ -252,7 +252,27 @@ def _read_meta(root: Path) -> dict[str, Any]:
     if meta.get("format") != FORMAT:
         raise DataError(f"cache '{root}' has format {meta.get('format')!r}, this version reads "
                         f"format {FORMAT}; delete it to re-render")
+    problem = _bad_meta(meta)
+    if problem:
+        raise DataError(f"cache file '{path}' is inconsistent ({problem}); delete the folder or "
+                        f"run `mtlcv data scenes --out {root}`")
     return meta
+
+
+def _count(v: Any) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool) and v >= 0
+
+
+def _bad_meta(meta: dict[str, Any]) -> str | None:
+    """What is wrong with a cache's meta.json fields, or None."""
+    size, splits = meta["size"], meta["splits"]
+    if not (isinstance(size, list) and len(size) == 2 and all(_count(s) and s > 0 for s in size)):
+        return f"size {size!r} is not [H, W]"
+    if not (isinstance(splits, dict) and all(_count(splits.get(s)) for s in SPLITS)):
+        return f"splits {splits!r} is not a count per split ({', '.join(SPLITS)})"
+    if not _count(meta["n"]) or not isinstance(meta["seed"], int):
+        return f"n {meta['n']!r} or seed {meta['seed']!r} is not an integer"
+    return None
 
 
 def _load_split(root: Path, split: str, meta: dict[str, Any]) -> dict[str, np.ndarray]:
