@@ -27,7 +27,7 @@ from mtlcv.engine import distributed
 from mtlcv.engine.checkpoint import load_checkpoint
 from mtlcv.engine.trainer import Trainer
 
-METHODS = ("fixed", "pcgrad", "mgda", "nashmtl")
+METHODS = ("fixed", "pcgrad", "mgda", "nashmtl", "mgda-ub")  # mgda-ub: "rep" mode
 HOOKS = Path(__file__).parent / "fault_hooks"
 WORKER = Path(__file__).parent / "ddp_worker.py"
 

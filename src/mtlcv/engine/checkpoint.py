@@ -31,6 +31,9 @@ from ..errors import CheckpointError
 
 #: the names of atomic writes' temporary files
 TMP_GLOB = ".*.tmp"
+# mkstemp creates files readable by the owner only; finished files get the usual mode
+_UMASK = os.umask(0)
+os.umask(_UMASK)
 
 
 def _reason(exc: OSError) -> str:
@@ -50,6 +53,7 @@ def _write_atomically(path: Path, write: Any, what: str) -> None:
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+        os.fchmod(fd, 0o666 & ~_UMASK)
         with os.fdopen(fd, "wb") as fh:
             write(fh)
             fh.flush()

@@ -289,9 +289,18 @@ def sync_gradients(params: Iterable[torch.Tensor], op: str = "mean",
         bucket, size = ([p], p.numel()) if p is not None else ([], 0)
 
 
-def reduce_gradient_rows(rows: torch.Tensor) -> torch.Tensor:
-    """Average per-task gradient rows ``[T, ...]`` over processes (in place)."""
-    return all_reduce(rows, "mean")
+def broadcast_buffers(module: nn.Module, src: int = 0) -> None:
+    """Copy ``module``'s buffers (BatchNorm running statistics) of rank ``src`` to every process,
+    as ``DistributedDataParallel(broadcast_buffers=True)`` does; used without ``train.sync_bn``,
+    where each process's statistics come from its own samples."""
+    if _ctx is None:
+        return
+    dist = _dist()
+    for b in module.buffers():
+        buf = _comm_device(b.data)
+        dist.broadcast(buf, src=src)
+        if buf is not b.data:
+            b.data.copy_(buf)
 
 
 def agreed(fn: Callable[[], T_], *, others: bool = True, share: bool = False) -> T_:

@@ -48,9 +48,10 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import yaml
 
 from ..analysis import delta_m, mean_rank, on_baseline_metrics
-from ..config import ExperimentConfig, dump, load, to_dict
+from ..config import ExperimentConfig, load, to_dict
 from ..errors import CheckpointError, ConfigError, Preempted, TrainingError
 from . import distributed
 from .checkpoint import (
@@ -540,6 +541,8 @@ class Trainer:
             # a function of the parameters alone, equal on every process: not averaged
             extra.backward()
         self.optimizer.step()
+        if self.ctx is not None and not self.cfg.train.sync_bn:
+            distributed.broadcast_buffers(self.model)  # rank 0's running statistics, as DDP
         return losses.detach(), step_logs
 
     @property
@@ -718,12 +721,11 @@ class Trainer:
                 writer.close()
 
     def _dump_config(self) -> None:
+        text = yaml.safe_dump(to_dict(self.cfg), sort_keys=False)  # as config.dump, atomically
         try:
-            dump(self.cfg, self.out / "config.yaml")
-        except OSError as exc:
-            raise ConfigError(
-                f"cannot write {str(self.out / 'config.yaml')!r}: {_reason(exc)}"
-            ) from None
+            atomic_write_text(text, self.out / "config.yaml")
+        except CheckpointError as exc:
+            raise ConfigError(str(exc)) from None
 
     def _stop_agreed_now(self) -> bool:
         """Every process's view of whether a stop was requested (one collective)."""
