@@ -270,3 +270,11 @@ def test_without_torchrun_nothing_is_distributed(monkeypatch):
     x = torch.randn(4, 2, 3, 3)
     assert torch.allclose(bn(x), ref(x))
     assert torch.allclose(bn[0].running_var, ref.running_var)
+
+
+def test_only_train_runs_under_torchrun(monkeypatch, tmp_path, capsys):
+    from mtlcv.cli import main
+
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    assert main(["eval", "--run", str(tmp_path)]) == 2
+    assert "only `mtlcv train` runs under torchrun" in capsys.readouterr().err

@@ -413,6 +413,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     if threading.current_thread() is threading.main_thread():
         previous = signal.signal(signal.SIGTERM, _on_sigterm)
     try:
+        from .engine.distributed import env_world_size
+
+        if env_world_size() > 1 and args.func is not cmd_train:
+            raise ConfigError(
+                f"only `mtlcv train` runs under torchrun (WORLD_SIZE={env_world_size()}); run "
+                f"`mtlcv {args.command}` in one process, or each of compare's runs with torchrun"
+            )
         return args.func(args)
     except Preempted as exc:
         if _rank_prefix() == "":
