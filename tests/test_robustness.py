@@ -268,3 +268,25 @@ def test_checkpoints_hold_only_plain_values(small_cfg, tmp_path):
     rng = torch.load(tmp_path / "r" / "last.pt", weights_only=True)["rng"]
     assert isinstance(rng["numpy"]["keys"], torch.Tensor) and len(rng["python"][1]) == 625
     assert np.asarray(rng["numpy"]["keys"]).shape == (624,)
+
+
+def test_checkpoints_of_earlier_versions_still_resume(small_cfg, tmp_path):
+    """Checkpoints written before RNG states were plain hold NumPy's state as an array: they
+    load (NumPy arrays are data, allow-listed), and nothing else is allowed."""
+    import random
+
+    import torch
+
+    cfg = copy.deepcopy(small_cfg)
+    cfg["train"].update(epochs=2, max_steps=1)
+    Trainer(from_dict(cfg), tmp_path / "r", log=lambda s: None).fit(stop_after_epoch=1)
+    last = tmp_path / "r" / "last.pt"
+    ckpt = torch.load(last, weights_only=True)
+    random.seed(3)
+    np.random.seed(3)
+    ckpt["rng"]["python"], ckpt["rng"]["numpy"] = random.getstate(), np.random.get_state()
+    torch.save(ckpt, last)  # the format of earlier versions
+    with pytest.raises(Exception, match="Weights only load failed"):
+        torch.load(last, weights_only=True)
+    results = train(from_dict(cfg), tmp_path / "r", resume=True, log=lambda s: None)
+    assert results["epochs"] == 2

@@ -105,13 +105,28 @@ def remove_stale_temporaries(folder: str | Path, older_than_s: float = 0.0) -> l
     return removed
 
 
+def _numpy_array_globals() -> list[Any]:
+    """What unpickling a NumPy array needs (data only, no code): checkpoints written before
+    RNG states were stored as tensors hold NumPy's RNG state as an array."""
+    try:
+        from numpy._core.multiarray import _reconstruct
+    except ImportError:  # NumPy 1.x
+        from numpy.core.multiarray import _reconstruct  # type: ignore[no-redef]
+    dtypes = [type(np.dtype(t)) for t in (np.uint32, np.int64, np.float64)]
+    out: list[Any] = [_reconstruct, np.ndarray, np.dtype, *dtypes]
+    # the name NumPy 1.x pickles under
+    out.append((_reconstruct, "numpy.core.multiarray._reconstruct"))
+    return out
+
+
 def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> dict:
     """Read a checkpoint safely (``weights_only=True``); one-line CheckpointError otherwise."""
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"checkpoint {str(path)!r} does not exist")
     try:
-        obj = torch.load(path, map_location=map_location, weights_only=True)
+        with torch.serialization.safe_globals(_numpy_array_globals()):
+            obj = torch.load(path, map_location=map_location, weights_only=True)
     except Exception as exc:  # noqa: BLE001 - any unpickling failure means a bad file
         text = str(exc)
         if "weights_only" in text or "Unsupported global" in text:
@@ -157,10 +172,14 @@ def set_rng_state(state: dict[str, Any]) -> None:
     version, internal, gauss = state["python"]
     random.setstate((int(version), tuple(int(v) for v in internal), gauss))
     npy = state["numpy"]
-    keys = np.asarray(torch.as_tensor(npy["keys"]).numpy(), dtype=np.uint32)
-    np.random.set_state(
-        (npy["name"], keys, int(npy["pos"]), int(npy["has_gauss"]), float(npy["cached_gaussian"]))
-    )
+    if isinstance(npy, tuple):  # a checkpoint written before the states were plain
+        np.random.set_state(npy)
+    else:
+        keys = np.asarray(torch.as_tensor(npy["keys"]).numpy(), dtype=np.uint32)
+        np.random.set_state(
+            (npy["name"], keys, int(npy["pos"]), int(npy["has_gauss"]),
+             float(npy["cached_gaussian"]))
+        )
     torch.set_rng_state(torch.as_tensor(state["torch"], dtype=torch.uint8))
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
