@@ -235,11 +235,10 @@ def all_gather_cat(t: torch.Tensor, dim: int = 0) -> tuple[torch.Tensor, tuple[i
     if _ctx is None:
         return t, (0, t.shape[dim])
     dist = _dist()
-    size = torch.tensor([t.shape[dim]], dtype=torch.long)
+    size = _comm_device(torch.tensor([t.shape[dim]], dtype=torch.long))
     sizes = [torch.zeros_like(size) for _ in range(_ctx.world)]
-    dist.all_gather([_comm_device(s) for s in sizes] if _ctx.backend == "nccl" else sizes,
-                    _comm_device(size))
-    n = [int(s) for s in sizes]
+    dist.all_gather(sizes, size)
+    n = [int(s.item()) for s in sizes]
     top = max(n)
     pad = list(t.shape)
     pad[dim] = top - t.shape[dim]

@@ -170,6 +170,8 @@ class Trainer:
         self.main = self.ctx is None or self.ctx.is_main
         self.log = log if self.main else _silent
         try:
+            # rank 0's decision: the other processes may not see the run directory at all
+            self.resume = distributed.broadcast_object(bool(resume))
             self._saved_cfg = distributed.agreed(
                 lambda: self._open_run_dir(cfg, command), others=False, share=True
             )
