@@ -2,7 +2,9 @@
 
 Every user mistake (a bad config key, a missing file, a corrupt cache) is an
 :class:`~mtlcv.errors.MtlcvError`: the CLI prints its one line and exits with code 2, never a
-traceback. Ctrl-C exits with 130 and leaves the last complete epoch's checkpoint in place.
+traceback. During training SIGTERM finishes the step, saves a checkpoint and exits with 75
+(:class:`~mtlcv.errors.Preempted`); Ctrl-C exits with 130 and keeps the last checkpoint; SIGTERM
+outside training exits with 143 and one line. Under torchrun only ``train`` runs.
 """
 
 from __future__ import annotations
@@ -98,12 +100,17 @@ def cmd_train(args: argparse.Namespace) -> int:
     if config is None:  # resume with the run's own config
         config = out / "config.yaml"
     cfg = load(config, args.set)
+    made = None
     if out is None:
-        out = new_run_dir(Path("runs"), cfg.name)
+        out = made = new_run_dir(Path("runs"), cfg.name)
     try:
         results = train(cfg, out, resume=resume)
         if results is not None and distributed.is_main():
             _print_results(results, out)
+    except BaseException:
+        if made is not None and not any(made.iterdir()):
+            made.rmdir()  # a run that never started leaves no empty folder behind
+        raise
     finally:
         distributed.shutdown()
     return 0
