@@ -154,19 +154,20 @@ def test_set_integer_round_trip(n):
 
 # ---------------------------------------------------------------------- dataset readers
 def _items_follow_the_contract(ds: Any, limit: int = 2) -> None:
+    from mtlcv.data.base import collate
     from mtlcv.registry import TASKS
 
     opts = getattr(ds, "task_options", {}) or {}
     for i in range(min(len(ds), limit)):
-        item = ds[i]
-        image = item["image"]
+        batch = collate([ds[i]])  # a batch of one, as the loaders form it (boxes padded)
+        image = batch["image"]
         assert image.dtype.is_floating_point and torch.isfinite(image).all()
         assert float(image.min()) >= 0 and float(image.max()) <= 1
         for t in ds.targets:
-            if t not in item:
+            if t not in batch:
                 continue
             task = TASKS.create(t, **opts.get(t, {}))
-            task.check_target(item[t][None], image[None])  # raises DataError when broken
+            task.check_target(batch[t], image)  # raises DataError when broken
 
 
 def _attempt(make: Any) -> None:

@@ -1,4 +1,5 @@
-"""The ``mtlcv`` command line: train, eval, data, list, demo.
+"""The ``mtlcv`` command line: train, eval, compare, predict, export, data, bench, classic,
+list, demo.
 
 Every user mistake (a bad config key, a missing file, a corrupt cache) is an
 :class:`~mtlcv.errors.MtlcvError`: the CLI prints its one line and exits with code 2, never a
@@ -117,11 +118,12 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 
 def _print_results(results: dict, out: Path) -> None:
-    from .analysis.tables import comparison_table, metric_directions
+    from .analysis.tables import aux_tasks, comparison_table, metric_directions
 
     higher = metric_directions(results)
     con = _console()
-    con.print(comparison_table({results["name"]: results}, higher, title=f"test metrics ({out})"))
+    con.print(comparison_table({results["name"]: results}, higher, title=f"test metrics ({out})",
+                               aux=aux_tasks(results)))
     if "delta_m" in results:
         con.print(
             f"Δm vs {results['baselines']}: {results['delta_m']['test']:+.2f}% (lower is better)"
@@ -130,12 +132,13 @@ def _print_results(results: dict, out: Path) -> None:
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
-    from .analysis import delta_m, on_baseline_metrics
+    from .analysis import delta_m, main_metrics, on_baseline_metrics
     from .analysis.tables import comparison_table
     from .config import load
     from .engine.checkpoint import load_checkpoint
     from .engine.evaluate import evaluate
     from .engine.experiment import build, load_baselines, make_loader
+    from .engine.protocol import check_baseline_protocol
 
     run = Path(args.run)
     if not (run / "config.yaml").is_file():
@@ -153,9 +156,10 @@ def cmd_eval(args: argparse.Namespace) -> int:
             f"(model.arch {cfg.model.arch!r}): {first[:160]}"
         ) from None
     loader = make_loader(cfg, exp.datasets[args.split], train=False)
-    metrics = evaluate(exp.model, exp.tasks, loader, exp.device)
+    metrics = evaluate(exp.model, exp.tasks, loader, exp.device, cfg.eval.protocol)
     result = {
         "name": cfg.name,
+        "protocol": cfg.eval.protocol,
         "split": args.split,
         "checkpoint": args.checkpoint,
         "epoch": ckpt.get("epoch"),
@@ -164,7 +168,9 @@ def cmd_eval(args: argparse.Namespace) -> int:
     higher = {n: t.higher_is_better for n, t in exp.tasks.items()}
     if cfg.baselines:
         base = load_baselines(cfg.baselines)[args.split]
-        result["delta_m"] = delta_m(on_baseline_metrics(metrics, base), base, higher)
+        check_baseline_protocol(cfg)  # Δm only within one evaluation protocol
+        main = main_metrics(metrics, cfg.aux_tasks)
+        result["delta_m"] = delta_m(on_baseline_metrics(main, base), base, higher)
     if args.json:
         print(json.dumps(result, indent=2))
         return 0
@@ -174,6 +180,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
             {f"{cfg.name} ({args.checkpoint}, epoch {result['epoch']})": result},
             higher,
             title=f"{args.split} metrics of {run}",
+            aux=cfg.aux_tasks,
         )
     )
     if "delta_m" in result:
@@ -287,6 +294,91 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_classic(args: argparse.Namespace) -> int:
+    from rich.table import Table
+
+    from .classic.compare import run
+
+    seeds = _int_list(args.seeds, "--seeds")
+    if len(seeds) < 2:
+        print("mtlcv classic: one seed gives no spread; use --seeds 0,1,2,3,4", file=sys.stderr)
+    result = run(args.method, args.dataset, seeds, train_size=args.train_size)
+    if args.out:
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.out).write_text(json.dumps(result, indent=2))
+    if args.json:
+        print(json.dumps(result, indent=2))
+        return 0
+    s = result["summary"]
+    table = Table(title=f"{result['dataset']} test split, {result['method']} "
+                  f"({result['family']}; {result['paper']}), mean ± std over seeds "
+                  f"{', '.join(map(str, seeds))}")
+    for col in ("task", "metric", "STL (same family)", "MTL", "vs STL", "ℓ2 reference"):
+        table.add_column(col, justify="left" if col in ("task", "metric") else "right")
+    for task, ms in result["higher_is_better"].items():
+        for m, hib in ms.items():
+            cell = {k: s[k][task][m] for k in ("stl", "mtl", "l2")}
+            rel = 100.0 * (cell["mtl"]["mean"] - cell["stl"]["mean"]) / cell["stl"]["mean"]
+            rel = rel if hib else -rel
+            table.add_row(task, f"{m} {'↑' if hib else '↓'}",
+                          *[f"{cell[k]['mean']:.4g} ± {cell[k]['std']:.2g}" for k in ("stl",
+                                                                                      "mtl")],
+                          f"{rel:+.1f}%", f"{cell['l2']['mean']:.4g} ± {cell['l2']['std']:.2g}")
+    dm = s["delta_m"]
+    table.add_section()
+    table.add_row("Δm (a) ↓", "vs STL", "", f"{dm['stl']['mean']:+.2f} ± {dm['stl']['std']:.2f}%",
+                  "", "")
+    table.add_row("Δm (a) ↓", "vs ℓ2", f"{dm['stl_vs_l2']['mean']:+.2f} ± "
+                  f"{dm['stl_vs_l2']['std']:.2f}%", f"{dm['l2']['mean']:+.2f} ± "
+                  f"{dm['l2']['std']:.2f}%", "", "")
+    con = _console()
+    con.print(table)
+    con.print("Δm: mean over every metric of the relative change against the baseline, signed so "
+              "that lower is better (negative: the multi-task model wins); per seed, then mean ± "
+              "std over seeds.")
+    return 0
+
+
+def cmd_predict(args: argparse.Namespace) -> int:
+    from .inference import load
+    from .inference.commands import predict_files, summary_line
+
+    predictor = load(args.run or args.checkpoint, device=args.device)
+    summary = predict_files(
+        predictor, args.input, args.out, batch_size=args.batch_size, fit=args.fit
+    )
+    print(summary_line(summary, args.out))
+    return 1 if summary["failed"] else 0
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    from .inference import export, load
+
+    predictor = load(args.run or args.checkpoint, device="cpu")
+    r = export(predictor, args.format, args.out, size=args.size, exporter=args.onnx_exporter)
+    print(f"wrote {r['file']} ({r['format']} via {r['exporter']}, {r['bytes'] / 2**20:.1f} MiB)")
+    i = r["input"]
+    print(f"  input  {i['name']}: {i['dtype']} {i['shape']}, {i['is']}")
+    for name, o in r["outputs"].items():
+        kind = f" ({o['kind']})" if o["kind"] != name else ""
+        print(f"  output {name}{kind}: {o['shape']}, {o['is']}")
+    if r["verified"]:
+        worst = max(r["max_abs_diff"].values(), default=0.0)
+        print(
+            f"checked on a random batch of {r['check_batch']}: max |diff| vs PyTorch "
+            f"{worst:.2g} (tolerance 1e-4)"
+        )
+    else:
+        print(r["note"])
+    return 0
+
+
+def _add_source(parser: argparse.ArgumentParser) -> None:
+    src = parser.add_mutually_exclusive_group(required=True)
+    src.add_argument("--run", metavar="DIR", help="run directory (its best.pt)")
+    src.add_argument("--checkpoint", metavar="FILE", help="checkpoint file (best.pt, last.pt)")
+
+
 # ---------------------------------------------------------------------- parser
 def _add_set(parser: argparse.ArgumentParser, help: str) -> None:
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help=help)
@@ -346,11 +438,15 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--seed", type=int, default=0)
     s.add_argument("--out", required=True, help="cache folder to write")
     s.set_defaults(func=cmd_data_scenes)
-    c = dsub.add_parser("check", help="validate a NYUv2 folder or file; names every bad file")
-    c.add_argument("path", help="dataset folder (.npy layout), .mat file or fixture folder/npz")
+    c = dsub.add_parser(
+        "check", help="validate a NYUv2 folder or file or a scenes cache; names every bad file"
+    )
+    c.add_argument(
+        "path", help="dataset folder (.npy layout), .mat file, fixture folder/npz, scenes cache"
+    )
     c.add_argument(
         "--kind",
-        choices=("nyuv2", "nyuv2-mat", "nyuv2-fixture"),
+        choices=("nyuv2", "nyuv2-mat", "nyuv2-fixture", "scenes"),
         help="layout (default: detected from PATH)",
     )
     c.set_defaults(func=cmd_data_check)
@@ -389,6 +485,58 @@ def build_parser() -> argparse.ArgumentParser:
         help="skip building architectures to count parameters and FLOPs",
     )
     ls.set_defaults(func=cmd_list)
+
+    cl = sub.add_parser("classic", help="a classic MTL method vs single-task models, over seeds")
+    cl.add_argument("--method", required=True,
+                    help="network (Caruana 1997), l21 (feature selection), trace (low rank) or "
+                    "instance (Bickel et al. 2008)")
+    cl.add_argument("--dataset", required=True,
+                    help="digits, linnerud, diabetes (bundled with scikit-learn), sparse or "
+                    "lowrank (synthetic)")
+    cl.add_argument("--seeds", default="0,1,2,3,4", help="comma-separated seeds (default 0-4)")
+    cl.add_argument("--train-size", type=float, default=None,
+                    help="training fraction (real data) or samples per task (synthetic)")
+    cl.add_argument("--out", help="also write the full result (every seed) to this JSON file")
+    cl.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    cl.set_defaults(func=cmd_classic)
+    pr = sub.add_parser("predict", help="run a trained model on your images; write every task")
+    _add_source(pr)
+    pr.add_argument(
+        "--input",
+        required=True,
+        nargs="+",
+        metavar="PATH",
+        help="image files, folders or quoted glob patterns",
+    )
+    pr.add_argument(
+        "--out", required=True, metavar="DIR", help="output folder (one subfolder per task)"
+    )
+    pr.add_argument(
+        "--batch-size", type=_positive, default=8, metavar="N", help="images per batch (8)"
+    )
+    pr.add_argument("--device", default="auto", help="auto (default), cpu, cuda or cuda:N")
+    pr.add_argument(
+        "--fit",
+        choices=("resize", "pad"),
+        default="resize",
+        help="bring images to the model's size by stretching (default) or by padding",
+    )
+    pr.set_defaults(func=cmd_predict)
+
+    ex = sub.add_parser("export", help="export a trained model to TorchScript or ONNX")
+    _add_source(ex)
+    ex.add_argument("--format", required=True, choices=("torchscript", "onnx"))
+    ex.add_argument("--out", required=True, metavar="FILE", help="file to write (.pt or .onnx)")
+    ex.add_argument(
+        "--size", type=_size, metavar="HxW", help="the graph's input size (default: as trained)"
+    )
+    ex.add_argument(
+        "--onnx-exporter",
+        choices=("auto", "torchscript", "dynamo"),
+        default="auto",
+        help="PyTorch's ONNX exporter (auto: the TorchScript-based one while it exists)",
+    )
+    ex.set_defaults(func=cmd_export)
 
     m = sub.add_parser("demo", help="STL vs hard sharing on the embedded scenes data (CPU)")
     m.add_argument("--out", default="runs/demo", help="where the two runs go (default runs/demo)")

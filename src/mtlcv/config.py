@@ -104,6 +104,25 @@ class TrainConfig:
 
 
 @dataclass
+class EvalConfig:
+    """How val/test numbers are computed (see :mod:`mtlcv.engine.protocol`).
+
+    ``exact`` (default): every metric over the whole split, test = the best-on-val checkpoint.
+    ``published``: the protocol of the SegNet-MTAN papers (MTAN, CAGrad, Nash-MTL, FAMO): depth
+    and normals metrics averaged over evaluation batches (``data.eval_batch_size``, 2 there),
+    segmentation from the split's confusion matrix, and test = the mean of the test metrics of
+    the last ``last_epochs`` epochs. A Δm between numbers of different protocols is refused unless
+    ``allow_protocol_mismatch`` is true.
+    """
+
+    protocol: str = "exact"
+    #: epochs whose test metrics the published protocol averages (10 in the papers)
+    last_epochs: int = 10
+    #: compute Δm against baselines measured under another protocol (not comparable)
+    allow_protocol_mismatch: bool = False
+
+
+@dataclass
 class ExperimentConfig:
     name: str = "experiment"
     seed: int = 0
@@ -114,12 +133,18 @@ class ExperimentConfig:
     schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
     balancer: BalancerConfig = field(default_factory=BalancerConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
     #: single-task baselines for Δm: a run directory, a results.json, or a named published
     #: baseline (see ``mtlcv.analysis.baselines``); None = select the best epoch by mean rank
     baselines: str | None = None
+    #: auxiliary tasks (a subset of ``tasks``): trained and balanced like the others, left out
+    #: of model selection and Δm, shown apart in tables; PAD-Net and MTI-Net predict them only
+    #: at their intermediate stage
+    aux_tasks: list[str] = field(default_factory=list)
 
 
 OPTIMIZERS = ("adam", "sgd", "adamw")
+PROTOCOLS = ("exact", "published")
 SCHEDULES = ("none", "step", "cosine")
 ON_NONFINITE = ("stop", "skip")
 #: the dataset factory's own arguments, set by ``data.root``, the split and ``data.augment``
@@ -211,6 +236,16 @@ def validate(cfg: ExperimentConfig) -> ExperimentConfig:
         raise ConfigError("config key 'tasks': got an empty list, expected at least one task")
     if len(set(cfg.tasks)) != len(cfg.tasks):
         raise ConfigError(f"config key 'tasks': got duplicates in {cfg.tasks}")
+    for t in cfg.aux_tasks:
+        if t not in cfg.tasks:
+            raise ConfigError(
+                f"config key 'aux_tasks': {t!r} is not one of the tasks ({', '.join(cfg.tasks)})"
+            )
+    if len(set(cfg.aux_tasks)) == len(cfg.tasks):
+        raise ConfigError(
+            "config key 'aux_tasks': every task is auxiliary; at least one main task is needed "
+            "(model selection and Δm use the main tasks)"
+        )
     if cfg.optim.name not in OPTIMIZERS:
         raise ConfigError(
             f"config key 'optim.name': got {cfg.optim.name!r}, "
@@ -221,7 +256,13 @@ def validate(cfg: ExperimentConfig) -> ExperimentConfig:
             f"config key 'schedule.name': got {cfg.schedule.name!r}, "
             f"expected one of {', '.join(SCHEDULES)}"
         )
+    if cfg.eval.protocol not in PROTOCOLS:
+        raise ConfigError(
+            f"config key 'eval.protocol': got {cfg.eval.protocol!r}, "
+            f"expected one of {', '.join(PROTOCOLS)}"
+        )
     positive = {
+        "eval.last_epochs": cfg.eval.last_epochs,
         "data.batch_size": cfg.data.batch_size,
         "train.epochs": cfg.train.epochs,
         "schedule.step_size": cfg.schedule.step_size,

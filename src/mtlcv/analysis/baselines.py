@@ -11,7 +11,13 @@ them before :func:`~mtlcv.analysis.delta_m.delta_m` (e.g. ``nyuv2-segnet-stl`` h
   the mtan protocol), from B. Liu, X. Liu, X. Jin, P. Stone, Q. Liu, "Conflict-Averse Gradient
   Descent for Multi-task Learning" (CAGrad), NeurIPS 2021, NYU-v2 results table, row
   "Independent"; the same row is the STL baseline of Nash-MTL (Navon et al., ICML 2022) and
-  FAMO (Liu et al., NeurIPS 2023), whose Δm values are relative to it.
+  FAMO (Liu et al., NeurIPS 2023), whose Δm values are relative to it. The same nine numbers
+  are the ``BASE`` array of Nash-MTL's official ``experiments/nyuv2/utils.py`` ("base results
+  from CAGrad", as fractions). Measured under the papers' published protocol (depth and normals
+  averaged over test batches of 2, mean of the last 10 epochs; see
+  :mod:`mtlcv.engine.protocol`): Δm against it needs ``eval.protocol: published``.
+
+Every named baseline declares its evaluation protocol in :data:`PROTOCOLS`.
 """
 
 from __future__ import annotations
@@ -33,6 +39,17 @@ BASELINES: dict[str, dict[str, dict[str, float]]] = {
         },
     },
 }
+
+
+#: the evaluation protocol each named baseline was measured under (mtlcv.engine.protocol)
+PROTOCOLS: dict[str, str] = {"nyuv2-segnet-stl": "published"}
+
+
+def baseline_protocol(name: str) -> str:
+    """The evaluation protocol of the named baseline ``name`` (ConfigError if unknown)."""
+    if name not in BASELINES:
+        raise ConfigError(f"unknown baseline {name!r}; valid: {', '.join(sorted(BASELINES))}")
+    return PROTOCOLS[name]
 
 
 def get_baseline(name: str) -> dict[str, dict[str, float]]:

@@ -11,6 +11,7 @@ dwa           Liu et al. 2019                   loss weighting         -
 gradnorm      Chen et al. 2018                  loss weighting         last shared layer
 dtp           Guo et al. 2018                   loss weighting         -
 rlw           Lin et al. 2022                   loss weighting         -
+si            Navon et al. 2022 (SI baseline)   loss weighting         -
 famo          Liu et al. 2023                   loss weighting         -
 imtl-l        Liu et al. 2021 (IMTL-L)          loss weighting         -
 graddrop      Chen et al. 2020                  gradient aggregation   rep (exact)
@@ -52,6 +53,7 @@ from . import (  # noqa: F401  (registers)
     nashmtl,
     pcgrad,
     rlw,
+    si,
     uncertainty,
     upgrad,
 )

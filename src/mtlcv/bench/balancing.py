@@ -1,10 +1,12 @@
 """Step time and peak memory of every balancer relative to equal weighting, in one run.
 
 One training step is what the trainer does: ``forward -> per-task losses -> balancer.backward ->
-optimizer.step`` (Adam, the library's default optimizer; ``.grad`` set to None before the step,
-as the trainer does). Every registered balancer runs with its published defaults on the same
-hard-sharing model (HPS, light heads) and the same random batch of 8; the model's weights are
-restored before every step, so every step sees the same numbers. Configurations: the tiny
+optimizer.step -> balancer.after_step`` (Adam, the library's default optimizer; ``.grad`` set to
+None before the step, as the trainer does; ``after_step`` runs the closures the balancer asks
+for, e.g. FAMO's second forward pass on the same batch). Every registered balancer runs with
+its published defaults on the same hard-sharing model (HPS, light heads) and the same random
+batch of 8; the model's weights are restored before every step, so every step sees the same
+numbers. Configurations: the tiny
 backbone at 64x80 and ResNet-18 (torchvision's, output stride 32) at 96x128, each with 3 tasks
 (semseg, depth, normals) and 10 tasks (those kinds again under the names semseg2, depth2, ...).
 The CPU runs on one thread by default (``threads``).
@@ -168,11 +170,18 @@ class _Runner:
         if hasattr(self.model, "representation"):
             self.model.representation = None
 
+    def losses(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        preds = self.model(batch["image"])
+        return torch.stack([t.loss(preds[n], batch[n]) for n, t in self.tasks.items()])
+
     def step(self) -> torch.Tensor:
-        preds = self.model(self.batch["image"])
-        losses = torch.stack([t.loss(preds[n], self.batch[n]) for n, t in self.tasks.items()])
+        from ..engine.closures import StepContext, after_step
+
+        losses = self.losses(self.batch)
         self.balancer.backward(losses, self.model)
         self.optimizer.step()
+        # what the trainer does next: the closures the balancer asked for (FAMO's extra forward)
+        after_step(self.balancer, StepContext(self.batch, self.losses))
         return losses.detach()
 
     def live_bytes(self) -> int:

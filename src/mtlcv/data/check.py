@@ -6,7 +6,10 @@ The layout is detected from ``PATH`` (or given as ``kind``, a dataset name):
   holding ``{i}.npy`` (mtan's release);
 * ``nyuv2-mat`` — ``nyu_depth_v2_labeled.mat`` (or a folder holding it), plus ``splits.mat``
   next to it when present;
-* ``nyuv2-fixture`` — the fixture folder or its ``nyuv2_mini_real.npz``.
+* ``nyuv2-fixture`` — the fixture folder or its ``nyuv2_mini_real.npz``;
+* ``scenes`` — a scenes cache folder (``meta.json`` + ``{train,val,test}.npz``): every split
+  loads, and every detection box has a positive width and height, finite coordinates inside
+  the image and a class in [0, 10).
 
 Every file is read: layout, counts (the same indices in every modality), shapes, dtypes and
 value ranges (depth finite and ≥ 0, normals of length 1 or 0, labels in [0, 13) or ignore).
@@ -28,7 +31,7 @@ from .nyuv2.fixture import FILE, TEST_LABELS, load_fixture
 from .nyuv2.folder import FOLDERS, LAYOUT, list_indices
 from .nyuv2.mat import NUM_RAW_CLASSES, check_labeled_file, load_splits
 
-KINDS = ("nyuv2", "nyuv2-mat", "nyuv2-fixture")
+KINDS = ("nyuv2", "nyuv2-mat", "nyuv2-fixture", "scenes")
 #: share of valid normal pixels allowed a length that is neither 0 nor 1 (± 0.1): resized
 #: releases blend a few pixels at the border of missing regions
 NORMAL_TOLERANCE = 0.01
@@ -40,6 +43,8 @@ def detect(path: Path) -> str | None:
     """The layout ``path`` looks like, or None."""
     if path.is_file():
         return {".mat": "nyuv2-mat", ".npz": "nyuv2-fixture"}.get(path.suffix)
+    if (path / "meta.json").is_file() and (path / "train.npz").is_file():
+        return "scenes"
     if (path / "train").is_dir() or (path / "val").is_dir():
         return "nyuv2"
     if (path / FILE).is_file():
@@ -187,6 +192,35 @@ def _fixture(path: Path) -> tuple[list[str], str]:
     return problems, summary
 
 
+def _scenes(root: Path) -> tuple[list[str], str]:
+    from ..tasks.detection import check_boxes
+    from .scenes import DET_CLASSES, SPLITS, _load_split, _read_meta
+
+    try:
+        meta = _read_meta(root)
+    except DataError as e:
+        return [str(e)], "scenes cache"
+    h, w = meta["size"]
+    problems, total = [], 0
+    for split in SPLITS:
+        try:
+            a = _load_split(root, split, meta)
+        except DataError as e:
+            problems.append(str(e))
+            continue
+        ends = np.cumsum(a["box_count"])
+        for i, (start, stop) in enumerate(zip(ends - a["box_count"], ends)):
+            boxes, labels = a["boxes"][start:stop], a["box_class"][start:stop]
+            where = f"{root / (split + '.npz')} image {i}"
+            problems += check_boxes(boxes, labels, len(DET_CLASSES), where)
+            outside = (boxes[:, :2] < 0).any(1) | (boxes[:, 2] > w) | (boxes[:, 3] > h)
+            problems += [f"{where}: box {j} {boxes[j].tolist()} leaves the {h}x{w} image"
+                         for j in np.flatnonzero(outside)]
+        total += len(a["boxes"])
+    n = meta["n"]
+    return problems, f"scenes cache, {n} images at {h}×{w}, {total} boxes"
+
+
 def _check(path: str | Path, kind: str | None) -> tuple[list[str], str]:
     path = Path(path).expanduser()
     if kind is not None and kind not in KINDS:
@@ -197,15 +231,17 @@ def _check(path: str | Path, kind: str | None) -> tuple[list[str], str]:
     if kind is None:
         return [
             f"{path}: cannot tell the layout; expected a folder with train/ and val/ ({LAYOUT}), "
-            f"nyu_depth_v2_labeled.mat, or the fixture's {FILE}"
+            f"nyu_depth_v2_labeled.mat, the fixture's {FILE} or a scenes cache"
         ], "nothing checked"
-    return {"nyuv2": _folder, "nyuv2-mat": _mat, "nyuv2-fixture": _fixture}[kind](path)
+    checks = {"nyuv2": _folder, "nyuv2-mat": _mat, "nyuv2-fixture": _fixture, "scenes": _scenes}
+    return checks[kind](path)
 
 
 def check_dataset(path: str | Path, kind: str | None = None) -> list[str]:
     """Every problem found in the dataset at ``path`` (one line each; empty when it is fine).
 
-    ``kind`` is a dataset name (``nyuv2``, ``nyuv2-mat``, ``nyuv2-fixture``); by default the
+    ``kind`` is a dataset name (``nyuv2``, ``nyuv2-mat``, ``nyuv2-fixture``, ``scenes``); by
+    default the
     layout is detected from ``path``.
     """
     return _check(path, kind)[0]

@@ -1,7 +1,9 @@
 """Evaluation over a whole split with streaming metrics.
 
 Every task's metric accumulates over all batches of the split and is computed once at the end,
-so the numbers do not depend on batch size or order (see :mod:`mtlcv.tasks.base`).
+so the numbers do not depend on batch size or order (see :mod:`mtlcv.tasks.base`). With
+``protocol="published"`` the tasks that the papers' code averages over batches do so instead
+(see :mod:`mtlcv.engine.protocol`).
 """
 
 from __future__ import annotations
@@ -37,17 +39,20 @@ def evaluate(
     tasks: Mapping[str, Task],
     loader: Iterable[Mapping[str, Any]],
     device: torch.device,
+    protocol: str = "exact",
 ) -> Metrics:
     """Run ``model`` over ``loader``; return ``{task: {metric: value}}`` over the whole split.
 
     With several processes (engine/distributed.py) ``loader`` is this process's shard of the
-    split; the metrics' states are merged exactly across processes before computing.
+    split; the metrics' states are merged exactly across processes before computing (the
+    published protocol's batch means included, see :mod:`mtlcv.engine.protocol`).
     """
     from .distributed import merge_metrics
+    from .protocol import new_metric
 
     was_training = model.training
     model.eval()
-    metrics = {name: task.new_metric() for name, task in tasks.items()}
+    metrics = {name: new_metric(task, protocol) for name, task in tasks.items()}
     for batch in loader:
         batch = to_device(batch, device)
         check_batch(batch, tasks)  # every batch: a bad label is one line, not a crash

@@ -16,6 +16,7 @@ from torch.utils.data import DataLoader
 
 from ..analysis.baselines import get_baseline
 from ..config import ExperimentConfig
+from ..data.base import collate
 from ..errors import ConfigError, DataError, MtlcvError
 from ..registry import DATASETS, TASKS
 from ..tasks.base import Task
@@ -76,14 +77,19 @@ def build_tasks(cfg: ExperimentConfig, dataset: Any) -> dict[str, Task]:
 
     A name is scored by the task kind the dataset declares for it in ``task_kinds`` (two
     classification tasks ``left`` and ``right``), else by the registered task of that name; the
-    task object carries the name (its batch key and prediction key) in ``task.name``.
+    task object carries the name (its batch key and prediction key) in ``task.name``, the
+    registered kind in ``task.kind``, its factory options in ``task.options``, and
+    ``task.auxiliary`` is True for the names in ``cfg.aux_tasks``.
     """
     opts = getattr(dataset, "task_options", {}) or {}
     kinds = getattr(dataset, "task_kinds", {}) or {}
     tasks = {}
     for t in cfg.tasks:
-        task = TASKS.create(kinds.get(t, t), where="tasks", **opts.get(t, {}))
-        task.name = t
+        kind, options = kinds.get(t, t), dict(opts.get(t, {}))
+        task = TASKS.create(kind, where="tasks", **options)
+        # name, kind and options are what a checkpoint records to rebuild the task (metadata.py)
+        task.name, task.kind, task.options = t, kind, options
+        task.auxiliary = t in cfg.aux_tasks
         tasks[t] = task
     return tasks
 
@@ -138,13 +144,47 @@ def build_balancer(cfg: ExperimentConfig) -> Any:
     return create(cfg.balancer.name, num_tasks=len(cfg.tasks), **cfg.balancer.options)
 
 
+def optimizer_groups(model: torch.nn.Module, balancer: Any) -> list[dict[str, Any]]:
+    """The parameter groups the trainer optimises.
+
+    The model's own groups (``model.parameter_groups()``: e.g. cross-stitch units at
+    ``lr_scale`` times the learning rate), then the balancer's learnable parameters (uncertainty
+    weighting's log-variances, GradNorm's weights ...) with no weight decay (as in the MTAN,
+    Nash-MTL and FAMO runs, which use none; LibMTL decays them with everything else) and, when the
+    balancer sets ``param_lr``, their own learning rate (Nash-MTL's code trains them at 0.025).
+    """
+    if hasattr(model, "parameter_groups"):
+        groups = [dict(g) for g in model.parameter_groups()]
+    else:
+        groups = [{"params": [p for p in model.parameters() if p.requires_grad]}]
+    own = [p for p in balancer.parameters() if p.requires_grad]
+    if own:
+        group: dict[str, Any] = {"params": own, "weight_decay": 0.0}
+        if getattr(balancer, "param_lr", None) is not None:
+            group["lr"] = float(balancer.param_lr)
+        groups.append(group)
+    return [g for g in groups if g["params"]]
+
+
 def build_optimizer(cfg: ExperimentConfig, params: list) -> torch.optim.Optimizer:
+    """The optimizer of ``optim`` over ``params``: tensors, or groups as
+    :func:`optimizer_groups` returns them (``lr_scale`` multiplies ``optim.lr``; ``lr`` and
+    ``weight_decay`` given in a group override ``optim``'s)."""
     o = cfg.optim
+    groups = []
+    for g in params:
+        if not isinstance(g, dict):
+            groups.append(g)
+            continue
+        g = dict(g)
+        scale = float(g.pop("lr_scale", 1.0))
+        g.setdefault("lr", o.lr * scale)
+        groups.append(g)
     if o.name == "adam":
-        return torch.optim.Adam(params, lr=o.lr, weight_decay=o.weight_decay)
+        return torch.optim.Adam(groups, lr=o.lr, weight_decay=o.weight_decay)
     if o.name == "adamw":
-        return torch.optim.AdamW(params, lr=o.lr, weight_decay=o.weight_decay)
-    return torch.optim.SGD(params, lr=o.lr, momentum=o.momentum, weight_decay=o.weight_decay)
+        return torch.optim.AdamW(groups, lr=o.lr, weight_decay=o.weight_decay)
+    return torch.optim.SGD(groups, lr=o.lr, momentum=o.momentum, weight_decay=o.weight_decay)
 
 
 def build_scheduler(cfg: ExperimentConfig, opt: torch.optim.Optimizer) -> Any:
@@ -188,6 +228,7 @@ def make_loader(
             SampleSeeded(ds, seed, epoch),
             batch_sampler=sampler,
             num_workers=cfg.data.num_workers,
+            collate_fn=collate,  # targets that are not fixed-size tensors batch themselves
             generator=gen,
             persistent_workers=False,
         )
@@ -198,6 +239,7 @@ def make_loader(
         batch_size=bs,
         shuffle=False,
         num_workers=cfg.data.num_workers,
+        collate_fn=collate,
         generator=gen,
         persistent_workers=False,
     )

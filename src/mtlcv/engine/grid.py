@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ..analysis import delta_m
+from ..analysis import delta_m, main_metrics
 from ..config import ExperimentConfig, apply_overrides, from_dict, load, to_dict
 from ..errors import ConfigError, MtlcvError
 from .runlock import RunLock
@@ -185,23 +185,28 @@ def _grid_dir(out: Path) -> Path:
 def summarise(
     vs: Sequence[Variant], base_v: Variant | None, higher: dict[str, dict[str, bool]]
 ) -> list[dict[str, Any]]:
-    """One row per variant: mean test metrics over seeds, Δm mean/std, params, step time."""
+    """One row per variant: mean test metrics over seeds, Δm mean/std, params, step time.
+
+    Δm is taken over the main tasks: auxiliary tasks (``aux_tasks`` of a run) are left out.
+    """
     base_mean = None
     if base_v is not None:
         base_mean = _mean_metrics([r["test"] for r in base_v.runs.values()])
     rows = []
     for v in vs:
         results = list(v.runs.values())
+        aux = list(results[0].get("aux_tasks") or [])
         row: dict[str, Any] = {
             "label": v.label,
             "overrides": v.overrides,
             "seeds": sorted(v.runs),
+            "aux_tasks": aux,
             "test": _mean_metrics([r["test"] for r in results]),
             "parameters": results[0]["parameters"],
             "step_time_s": statistics.mean(r.get("step_time_s", float("nan")) for r in results),
         }
         if base_mean is not None:
-            dms = [delta_m(r["test"], base_mean, higher) for r in results]
+            dms = [delta_m(main_metrics(r["test"], aux), base_mean, higher) for r in results]
             row["delta_m"] = statistics.mean(dms)
             row["delta_m_std"] = statistics.stdev(dms) if len(dms) > 1 else 0.0
         rows.append(row)
@@ -214,15 +219,28 @@ def _mean_metrics(entries: list[dict[str, dict[str, float]]]) -> dict[str, dict[
     }
 
 
-def _columns(higher: dict[str, dict[str, bool]]) -> list[tuple[str, str]]:
-    return [(t, m) for t, ms in higher.items() for m in ms]
+def _columns(
+    higher: dict[str, dict[str, bool]], rows: Sequence[dict[str, Any]] = ()
+) -> tuple[list[tuple[str, str]], list[tuple[str, str]]]:
+    """(main columns, auxiliary columns): a task auxiliary in any row is shown apart."""
+    aux = {t for r in rows for t in r.get("aux_tasks", ())}
+    cols = [(t, m) for t, ms in higher.items() for m in ms]
+    return [c for c in cols if c[0] not in aux], [c for c in cols if c[0] in aux]
 
 
-def _cells(row: dict[str, Any], cols: list[tuple[str, str]], has_dm: bool) -> list[str]:
-    cells = [row["label"]] + [f"{row['test'][t][m]:.4g}" for t, m in cols]
+def _value(row: dict[str, Any], t: str, m: str) -> str:
+    return f"{row['test'][t][m]:.4g}" if t in row["test"] else "–"
+
+
+def _cells(
+    row: dict[str, Any], cols: tuple[list[tuple[str, str]], list[tuple[str, str]]], has_dm: bool
+) -> list[str]:
+    main, aux = cols
+    cells = [row["label"]] + [_value(row, t, m) for t, m in main]
     if has_dm:
         sd = f" ± {row['delta_m_std']:.2f}" if len(row["seeds"]) > 1 else ""
         cells.append(f"{row['delta_m']:+.2f}{sd}")
+    cells += [_value(row, t, m) for t, m in aux]
     return cells + [f"{row['parameters'] / 1e6:.2f} M", f"{row['step_time_s']:.3f}"]
 
 
@@ -230,14 +248,16 @@ def grid_table(rows: list[dict[str, Any]], higher: dict[str, dict[str, bool]], t
     """A rich table: one row per variant, one column per metric (↑/↓), Δm, params, step time."""
     from rich.table import Table
 
-    cols = _columns(higher)
+    cols = _columns(higher, rows)
     has_dm = any("delta_m" in r for r in rows)
     table = Table(title=title or None)
     table.add_column("run")
-    for t, m in cols:
+    for t, m in cols[0]:
         table.add_column(f"{t}\n{m} {'↑' if higher[t][m] else '↓'}", justify="right")
     if has_dm:
         table.add_column("Δm % ↓", justify="right")
+    for t, m in cols[1]:
+        table.add_column(f"{t} (aux)\n{m} {'↑' if higher[t][m] else '↓'}", justify="right")
     table.add_column("params", justify="right")
     table.add_column("step s", justify="right")
     for r in rows:
@@ -247,10 +267,12 @@ def grid_table(rows: list[dict[str, Any]], higher: dict[str, dict[str, bool]], t
 
 def markdown_table(rows: list[dict[str, Any]], higher: dict[str, dict[str, bool]]) -> str:
     """The same table as GitHub markdown, for notes and reports."""
-    cols = _columns(higher)
+    cols = _columns(higher, rows)
     has_dm = any("delta_m" in r for r in rows)
-    head = ["run"] + [f"{t} {m} {'↑' if higher[t][m] else '↓'}" for t, m in cols]
-    head += (["Δm % ↓"] if has_dm else []) + ["params", "step s"]
+    head = ["run"] + [f"{t} {m} {'↑' if higher[t][m] else '↓'}" for t, m in cols[0]]
+    head += ["Δm % ↓"] if has_dm else []
+    head += [f"{t} (aux) {m} {'↑' if higher[t][m] else '↓'}" for t, m in cols[1]]
+    head += ["params", "step s"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     lines += ["| " + " | ".join(_cells(r, cols, has_dm)) + " |" for r in rows]
     return "\n".join(lines)

@@ -13,9 +13,13 @@ A run directory holds:
   RNG states, position in the epoch, history), written atomically after every epoch and, with
   ``train.checkpoint_every: N``, every N optimizer steps;
 * ``best.pt``: the model of the best epoch on val (by Δm against the baselines when they are
-  given, else by mean rank over all metrics);
-* ``results.json``: the test metrics of the best checkpoint, Δm when baselines exist, wall time
-  and peak memory;
+  given, else by mean rank over all metrics), both over the main tasks: auxiliary tasks
+  (config ``aux_tasks``) are trained and balanced but never selected on; it records what the
+  model is (``meta``, :mod:`mtlcv.engine.metadata`), as ``last.pt`` does;
+* ``results.json``: the test metrics of the best checkpoint (under ``eval.protocol:
+  published``, the mean test metrics of the last ``eval.last_epochs`` epochs instead, see
+  :mod:`mtlcv.engine.protocol`), Δm when baselines exist, the protocol that produced them, wall
+  time and peak memory;
 * ``.lock`` while a process writes it (:mod:`mtlcv.engine.runlock`: one writer per run);
 * ``tb/``: TensorBoard scalars, when the ``tensorboard`` package is installed.
 
@@ -50,7 +54,7 @@ from typing import Any
 import torch
 import yaml
 
-from ..analysis import delta_m, mean_rank, on_baseline_metrics
+from ..analysis import delta_m, main_metrics, mean_rank, on_baseline_metrics
 from ..config import ExperimentConfig, load, to_dict
 from ..errors import CheckpointError, ConfigError, Preempted, TrainingError
 from . import distributed
@@ -64,6 +68,7 @@ from .checkpoint import (
     seed_everything,
     set_rng_state,
 )
+from .closures import StepContext, after_step, check_needs
 from .evaluate import Metrics, check_batch, evaluate, to_device
 from .experiment import (
     Experiment,
@@ -73,6 +78,15 @@ from .experiment import (
     check_input_size,
     load_baselines,
     make_loader,
+    optimizer_groups,
+)
+from .metadata import describe as describe_model
+from .protocol import (
+    PUBLISHED,
+    check_baseline_protocol,
+    describe,
+    last_epochs_average,
+    tests_this_epoch,
 )
 from .runlock import RunLock, stale_note
 
@@ -254,8 +268,11 @@ class Trainer:
         self.exp: Experiment = distributed.agreed(lambda: build(cfg, device=device))
         self.tasks = self.exp.tasks
         self.names = list(cfg.tasks)
+        #: the tasks model selection and Δm look at (all but the auxiliary ones)
+        self.main_tasks = [n for n in self.names if n not in cfg.aux_tasks]
         self.model = self.exp.model
         self.balancer = self.exp.balancer
+        check_needs(self.balancer)  # a need no provider supplies fails now, not at step 1
         self.device = self.exp.device
         check_input_size(cfg, self.model, self.exp.datasets["train"], self.device)
         world = distributed.world_size()
@@ -265,11 +282,11 @@ class Trainer:
                 raise ConfigError(
                     f"data: the training split has {n} samples, fewer than the {world} processes"
                 )
-            if cfg.train.sync_bn:
+            if cfg.train.sync_bn:  # keeps every parameter: the groups below are unchanged
                 distributed.convert_sync_batchnorm(self.model)
-        params = [p for p in self.model.parameters() if p.requires_grad]
-        params += [p for p in self.balancer.parameters() if p.requires_grad]
-        self.optimizer = build_optimizer(cfg, params)
+        # the model's groups (e.g. cross-stitch units at a higher rate), then the balancer's
+        # learnable parameters (no weight decay)
+        self.optimizer = build_optimizer(cfg, optimizer_groups(self.model, self.balancer))
         self.scheduler = build_scheduler(cfg, self.optimizer)
         self.baselines = (
             distributed.agreed(lambda: load_baselines(cfg.baselines), others=False, share=True)
@@ -277,16 +294,24 @@ class Trainer:
             else None
         )
         self.higher = {n: dict(t.higher_is_better) for n, t in self.tasks.items()}
+        # Δm only between numbers of one evaluation protocol (one line otherwise)
+        self.baseline_protocol = (
+            distributed.agreed(lambda: check_baseline_protocol(cfg), others=False, share=True)
+            if self.baselines
+            else None
+        )
+        # what the model is, stored in every checkpoint so that predict/export need nothing else
+        self.meta = describe_model(cfg, self.tasks, self.exp.datasets["val"], self.model)
         if self.baselines is not None:  # fail now, not after the first epoch
             for split, base in self.baselines.items():
-                missing = [t for t in self.names if t not in base]
+                missing = [t for t in self.main_tasks if t not in base]
                 if missing:
                     raise ConfigError(
                         f"config key 'baselines': {cfg.baselines!r} has no {split} metrics for "
                         f"task {', '.join(missing)}"
                     )
                 try:
-                    delta_m({t: base[t] for t in self.names}, base, self.higher)
+                    delta_m({t: base[t] for t in self.main_tasks}, base, self.higher)
                 except ConfigError as exc:
                     raise ConfigError(f"config key 'baselines' ({cfg.baselines}): {exc}") from None
         shard = {"rank": distributed.rank(), "world": world}
@@ -378,6 +403,7 @@ class Trainer:
             "history": self.history,
             "best": self.best,
             "elapsed": self.elapsed,
+            "meta": self.meta,
         }
         if self.ctx is not None:
             state["rng_ranks"] = distributed.gather_objects(state["rng"])
@@ -543,8 +569,15 @@ class Trainer:
             # a function of the parameters alone, equal on every process: not averaged
             extra.backward()
         self.optimizer.step()
+        # what the balancer asked for beyond the losses (FAMO: the same batch's losses after the
+        # update); nothing runs for a balancer without needs. Every process calls it: the
+        # closure's losses go through _losses (global values, one all-reduce), and the balancer
+        # runs in the shared random stream, as its backward did, so its state stays identical
+        with self._shared_rng():
+            step_logs = {**step_logs, **after_step(self.balancer, self._step_context(batch))}
         if self.ctx is not None and not self.cfg.train.sync_bn:
-            distributed.broadcast_buffers(self.model)  # rank 0's running statistics, as DDP
+            # rank 0's running statistics, as DDP (after the closure's forward pass, if any)
+            distributed.broadcast_buffers(self.model)
         return losses.detach(), step_logs
 
     @property
@@ -556,25 +589,50 @@ class Trainer:
     _stop_flag = False
     _counts: torch.Tensor | None = None
 
+    #: this process's own random state while the shared stream is in use (see _shared_rng)
+    _parked: tuple[torch.Tensor, torch.Tensor | None] | None = None
+
+    def _get_rng(self) -> tuple[torch.Tensor, torch.Tensor | None]:
+        cuda = self.device.type == "cuda"
+        return torch.get_rng_state(), torch.cuda.get_rng_state(self.device) if cuda else None
+
+    def _set_rng(self, state: tuple[torch.Tensor, torch.Tensor | None]) -> None:
+        torch.set_rng_state(state[0])
+        if state[1] is not None:
+            torch.cuda.set_rng_state(state[1], self.device)
+
     @contextlib.contextmanager
     def _shared_rng(self) -> Iterator[None]:
-        if self.ctx is None or self.shared_rng is None:
+        """The random stream shared by every process (the balancer's draws)."""
+        if self.ctx is None or self.shared_rng is None or self._parked is not None:
             yield
             return
         cuda = self.device.type == "cuda"
-        own = torch.get_rng_state()
-        own_cuda = torch.cuda.get_rng_state(self.device) if cuda else None
-        torch.set_rng_state(self.shared_rng)
-        if cuda:
-            torch.cuda.set_rng_state(self._shared_cuda, self.device)
+        self._parked = self._get_rng()
+        self._set_rng((self.shared_rng, self._shared_cuda if cuda else None))
         try:
             yield
         finally:
-            self.shared_rng = torch.get_rng_state()
-            torch.set_rng_state(own)
+            self.shared_rng, shared_cuda = self._get_rng()
             if cuda:
-                self._shared_cuda = torch.cuda.get_rng_state(self.device)
-                torch.cuda.set_rng_state(own_cuda, self.device)
+                self._shared_cuda = shared_cuda
+            own, self._parked = self._parked, None
+            self._set_rng(own)
+
+    @contextlib.contextmanager
+    def _own_rng(self) -> Iterator[None]:
+        """This process's own stream, also inside :meth:`_shared_rng` (a closure's forward pass:
+        dropout draws as many numbers as this process's share of the batch needs)."""
+        if self._parked is None:
+            yield
+            return
+        shared = self._get_rng()
+        self._set_rng(self._parked)
+        try:
+            yield
+        finally:
+            self._parked = self._get_rng()
+            self._set_rng(shared)
 
     @property
     def _shared_cuda(self) -> torch.Tensor:  # the CUDA half of the shared stream (GPU only)
@@ -586,11 +644,15 @@ class Trainer:
     def _shared_cuda(self, value: torch.Tensor) -> None:
         self._shared_cuda_state = value
 
-    def _losses(self, preds: dict[str, torch.Tensor], batch: dict[str, Any]) -> torch.Tensor:
+    def _losses(
+        self, preds: dict[str, torch.Tensor], batch: dict[str, Any], *, record: bool = True
+    ) -> torch.Tensor:
         """Per-task losses ``[T]``: each task's final loss plus its deep-supervision terms.
 
         With several processes, the value of each is the loss of the global batch (bitwise the
         same everywhere) and its gradient this process's share of it (engine/distributed.py).
+        ``record``: the step's own losses, whose counts and stop flag the epoch keeps; a
+        balancer's closure (:mod:`mtlcv.engine.closures`) computes losses with ``record=False``.
         """
         aux = self.model.deep_supervision()
         out = []
@@ -602,7 +664,8 @@ class Trainer:
             out.append(loss)
         counts = torch.stack([self.tasks[n].loss_count(batch[n]).double().cpu()
                               for n in self.names])
-        self._counts = counts
+        if record:
+            self._counts = counts
         if self.ctx is None:
             return torch.stack(out)
         T = len(out)
@@ -610,11 +673,12 @@ class Trainer:
         buf = torch.cat([values * counts, counts, torch.tensor([float(self._signal is not None)],
                                                               dtype=torch.float64)])
         distributed.all_reduce(buf, "sum")
-        self._counts = buf[T : 2 * T].clone()
+        if record:
+            self._counts = buf[T : 2 * T].clone()
+            self._stop_flag = bool(buf[-1] > 0)
         total = buf[T : 2 * T].clamp(min=1.0)
         global_loss = buf[:T] / total
         share = counts * distributed.world_size() / total
-        self._stop_flag = bool(buf[-1] > 0)
         terms = []
         for t, loss in enumerate(out):
             a = loss * share[t].to(loss)
@@ -631,12 +695,27 @@ class Trainer:
             [t for t in tensors if isinstance(t, torch.Tensor)], f"model or balancer {what}"
         )
 
+    def _step_context(self, batch: dict[str, Any]) -> StepContext:
+        def losses_of(b: dict[str, Any]) -> torch.Tensor:
+            # the model's forward pass draws from this process's own stream (dropout), as the
+            # step's did; the losses are global with several processes (every one calls this)
+            with self._own_rng():
+                return self._losses(self.model(b["image"]), b, record=False)
+
+        return StepContext(batch, losses_of)
+
+    def _delta_m(self, metrics: Metrics, split: str) -> float:
+        """Δm of the main tasks against the baselines of ``split``."""
+        assert self.baselines is not None
+        base = self.baselines[split]
+        main = main_metrics(metrics, self.cfg.aux_tasks)
+        return delta_m(on_baseline_metrics(main, base), base, self.higher)
+
     def _score(self, val: Metrics) -> dict[str, Any]:
         """Δm on val against the baselines, when they exist."""
         if self.baselines is None:
             return {}
-        base = self.baselines["val"]
-        return {"delta_m": delta_m(on_baseline_metrics(val, base), base, self.higher)}
+        return {"delta_m": self._delta_m(val, "val")}
 
     def _is_best(self, score: dict[str, Any]) -> bool:
         if self.best is None:
@@ -644,7 +723,8 @@ class Trainer:
         if "delta_m" in score:
             return score["delta_m"] < self.best["delta_m"]
         # mean rank over all epochs so far; compare this epoch with the kept best one
-        ranks = mean_rank([h["val"] for h in self.history], self.higher)
+        aux = self.cfg.aux_tasks
+        ranks = mean_rank([main_metrics(h["val"], aux) for h in self.history], self.higher)
         return ranks[-1] < ranks[self.best["epoch"] - 1]
 
     # ------------------------------------------------------------------ writing (rank 0)
@@ -746,7 +826,8 @@ class Trainer:
                     f"warning: task {n!r} had no valid target in epoch {self.epoch + 1} (every "
                     "label ignored or value missing): its loss was 0 and it did not learn"
                 )
-        val = evaluate(self.model, self.tasks, self.val_loader, self.device)
+        protocol = self.cfg.eval.protocol
+        val = evaluate(self.model, self.tasks, self.val_loader, self.device, protocol)
         kpis = [self.tasks[n].kpi(val[n]) for n in self.names]
         self.balancer.on_epoch_end(self.epoch, list(train_losses.values()), kpis)
         lr = self.optimizer.param_groups[0]["lr"]
@@ -763,11 +844,20 @@ class Trainer:
             **score,
             "balancer": logs,
         }
+        if tests_this_epoch(self.cfg, self.epoch):  # the published protocol's last epochs
+            record["test"] = evaluate(
+                self.model, self.tasks, self.test_loader, self.device, protocol
+            )
         self.history.append(record)
         best = self._is_best(score)
         if best:
             self.best = {"epoch": self.epoch, **score}
-            state = {"epoch": self.epoch, "model": self.model.state_dict(), "val": val}
+            state = {
+                "epoch": self.epoch,
+                "model": self.model.state_dict(),
+                "val": val,
+                "meta": self.meta,
+            }
             self._write(lambda: atomic_save(state, self.out / "best.pt"))
         took = time.perf_counter() - start + prior
         self.elapsed += took
@@ -784,25 +874,38 @@ class Trainer:
             self._preempted()
 
     def finish(self) -> dict[str, Any]:
-        """Test the best checkpoint and write results.json."""
+        """Test the best checkpoint (or, under the published protocol, average the last epochs'
+        test metrics) and write results.json."""
         assert self.best is not None, "finish() before any epoch"
-        best = distributed.agreed(
-            lambda: load_checkpoint(self.out / "best.pt", map_location="cpu"),
-            others=False, share=True,
-        )
-        self.model.load_state_dict(best["model"])
-        test = evaluate(self.model, self.tasks, self.test_loader, self.device)
         world = distributed.world_size()
+        averaged = None
+        if self.cfg.eval.protocol == PUBLISHED:  # mean of the last epochs' test metrics
+            val, test, averaged = last_epochs_average(
+                self.history, self.epoch, self.cfg.eval.last_epochs
+            )
+        else:
+            best = distributed.agreed(
+                lambda: load_checkpoint(self.out / "best.pt", map_location="cpu"),
+                others=False, share=True,
+            )
+            self.model.load_state_dict(best["model"])
+            val = best["val"]
+            test = evaluate(self.model, self.tasks, self.test_loader, self.device)
         results: dict[str, Any] = {
             "name": self.cfg.name,
             "tasks": self.names,
+            "aux_tasks": list(self.cfg.aux_tasks),
             "higher_is_better": self.higher,
             "arch": self.cfg.model.arch,
             "balancer": self.cfg.balancer.name,
             "best_epoch": self.best["epoch"],
             "epochs": self.epoch,
-            "selection": "delta_m" if self.baselines else "mean_rank",
-            "val": best["val"],
+            "selection": (
+                f"mean of epochs {averaged[0]}-{averaged[-1]}" if averaged
+                else "delta_m" if self.baselines else "mean_rank"
+            ),
+            "protocol": describe(self.cfg, self.tasks, averaged),
+            "val": val,
             "test": test,
             "parameters": sum(p.numel() for p in self.model.parameters()),
             "wall_time_s": round(self.elapsed, 2),
@@ -822,18 +925,14 @@ class Trainer:
             results["baselines"] = self.cfg.baselines
             results["delta_m"] = {
                 "convention": "mean over all metrics, lower is better (CAGrad/Nash-MTL/FAMO)",
-                "val": delta_m(
-                    on_baseline_metrics(best["val"], self.baselines["val"]),
-                    self.baselines["val"],
-                    self.higher,
-                ),
-                "test": delta_m(
-                    on_baseline_metrics(test, self.baselines["test"]),
-                    self.baselines["test"],
-                    self.higher,
-                ),
+                "protocol": self.cfg.eval.protocol,
+                "baseline_protocol": self.baseline_protocol,
+                "val": self._delta_m(val, "val"),
+                "test": self._delta_m(test, "test"),
                 "metrics": {
-                    t: sorted(ms) for t, ms in self.baselines["test"].items() if t in self.tasks
+                    t: sorted(ms)
+                    for t, ms in self.baselines["test"].items()
+                    if t in self.main_tasks
                 },
             }
         text = json.dumps(results, indent=2)

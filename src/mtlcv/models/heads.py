@@ -47,6 +47,23 @@ def light(in_channels: int, out_channels: int, mid_channels: int | None = None) 
     return nn.Sequential(*_conv_bn_relu(in_channels, mid, 3), nn.Conv2d(mid, out_channels, 1))
 
 
+@HEADS.register("mtan")
+def mtan(in_channels: int, out_channels: int) -> nn.Sequential:
+    """mtan's prediction layer: conv3x3 (C -> C) then conv1x1 (C -> out), both with bias, no
+    BN or ReLU between them (lorenmt/mtan ``im2im_pred/model_segnet_*.py``, ``conv_layer(...,
+    pred=True)``; the same in CAGrad's, Nash-MTL's and FAMO's copies), Xavier-normal weights and
+    zero biases as there. The SegNet-MTAN protocol's head: with it, SegNet-MTAN has exactly the
+    official parameter count."""
+    net = nn.Sequential(
+        nn.Conv2d(in_channels, in_channels, 3, padding=1),
+        nn.Conv2d(in_channels, out_channels, 1),
+    )
+    for m in net:
+        nn.init.xavier_normal_(m.weight)
+        nn.init.zeros_(m.bias)
+    return net
+
+
 class ASPP(nn.Module):
     """Atrous Spatial Pyramid Pooling (DeepLab-v3, Chen et al. 2017, Sec. 3.3).
 

@@ -71,6 +71,8 @@ class AngleMetric(Metric):
     pixels with error below the threshold), all over every valid pixel of the split. The median
     is exact: the angles are kept as float32 chunks on the host and the median is taken at
     :meth:`compute` (:func:`exact_median`); the other statistics are float64 running sums.
+    (mtan's ``normal_error``, copied by CAGrad, Nash-MTL and FAMO, computes these per evaluation
+    batch, the median too, and averages the batches: ``eval.protocol: published``.)
     """
 
     def __init__(self, task: Normals) -> None:
@@ -105,6 +107,7 @@ class Normals(Task):
 
     name = "normals"
     channels = 3
+    published_aggregation = "batch_mean"
     target_channels = 3
     higher_is_better = {
         "mean": False,

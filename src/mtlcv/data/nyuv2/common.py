@@ -176,6 +176,7 @@ class NYUv2Dataset(MTLDataset):
         self.size = None if size is None else (int(size[0]), int(size[1]))
         self.num_classes = num_classes
         self.task_options = {"semseg": {"num_classes": num_classes}}
+        self.class_names = {"semseg": list(CLASSES13)} if num_classes == 13 else {}
         self.has = {t: np.ones(len(self.ids), bool) for t in self.targets}
 
     def __len__(self) -> int:
