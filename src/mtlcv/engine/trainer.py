@@ -662,7 +662,7 @@ class Trainer:
             for weight, pred in aux.get(n, ()):
                 loss = loss + weight * task.loss(pred, batch[n])
             out.append(loss)
-        counts = torch.stack([self.tasks[n].loss_count(batch[n]).double().cpu()
+        counts = torch.stack([self.tasks[n].loss_count(batch[n], preds[n]).double().cpu()
                               for n in self.names])
         if record:
             self._counts = counts

@@ -107,12 +107,17 @@ class Task(ABC):
     @abstractmethod
     def loss(self, pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor: ...
 
-    def loss_count(self, target: torch.Tensor) -> torch.Tensor:
+    def loss_count(
+        self, target: torch.Tensor, pred: torch.Tensor | None = None
+    ) -> torch.Tensor:
         """How many elements :meth:`loss` averages over for ``target`` (its denominator).
 
         Several processes each holding part of a batch combine their losses into the loss of the
         whole batch as ``sum_r n_r L_r / sum_r n_r`` with these counts (engine/distributed.py).
-        Default: the batch size; tasks with missing values count the valid elements.
+        Default: the batch size; tasks with missing values count the valid elements. ``pred``
+        is the prediction the loss was computed from (the trainer passes it), for a task whose
+        denominator depends on it (detection counts its positive locations at the
+        prediction's resolution).
         """
         return torch.tensor(float(target.shape[0]))
 
