@@ -40,9 +40,11 @@ process would apply:
   randomness (dropout) draws from a per-process stream; the balancer's randomness (PCGrad's task
   order, RLW's weights, GradDrop's masks) from a stream shared by all processes, so that they
   stay identical.
-* **Metrics** are reduced exactly: every process evaluates its own shard of the split (no sample
-  twice, none padded), the metrics' states (confusion matrices, sums, the normals' angles for the
-  exact median) are gathered to rank 0 and merged, and the numbers broadcast back.
+* **Metrics** are reduced exactly: every process evaluates its own shard of the split, a
+  contiguous run of the batches one process would form (no sample twice, none padded), the
+  metrics' states (confusion matrices, sums, the normals' angles for the exact median, the
+  detections for COCO mAP, the published protocol's per-batch values) are gathered to rank 0
+  and merged in rank order, i.e. in the split's order, and the numbers broadcast back.
 
 Only rank 0 writes the run directory; checkpoints hold the other processes' RNG states too.
 """

@@ -7,6 +7,7 @@ the trainer itself never branches on a method, architecture or dataset name.
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -214,10 +215,14 @@ def make_loader(
     of each (:class:`~mtlcv.engine.distributed.ShardedBatchSampler`), starting at global batch
     ``start`` (mid-epoch resume); each sample's augmentation is drawn from ``(seed, epoch,
     index)`` (:class:`~mtlcv.engine.distributed.SampleSeeded`), so it depends neither on the
-    process, the worker nor the position. Evaluation: in order, process ``rank`` takes samples
-    ``rank, rank + world, ...`` (every sample exactly once; no padding).
+    process, the worker nor the position. Evaluation: in order, in the batches one process
+    would form; process ``rank`` takes the ``rank``-th contiguous run of them (every sample
+    exactly once, no padding), so merging the processes' metric states in rank order sees the
+    split in its order and batches (exact for the published protocol's batch means and for
+    score ties in detection's mAP). Batches are formed by :func:`mtlcv.data.base.collate`
+    (targets that are not fixed-size tensors, e.g. detection boxes, batch themselves).
     """
-    from .distributed import SampleSeeded, ShardedBatchSampler
+    from .distributed import SampleSeeded, ShardedBatchSampler, split_evenly
 
     bs = cfg.data.batch_size if train else (cfg.data.eval_batch_size or cfg.data.batch_size)
     gen = torch.Generator()  # the workers' base seed
@@ -233,7 +238,17 @@ def make_loader(
             persistent_workers=False,
         )
     if world > 1:
-        ds = torch.utils.data.Subset(ds, range(rank, len(ds), world))
+        n = len(ds)
+        mine = split_evenly(range(math.ceil(n / bs)), world)[rank]
+        batches = [list(range(k * bs, min((k + 1) * bs, n))) for k in mine]
+        return DataLoader(
+            ds,
+            batch_sampler=batches,
+            num_workers=cfg.data.num_workers,
+            collate_fn=collate,
+            generator=gen,
+            persistent_workers=False,
+        )
     return DataLoader(
         ds,
         batch_size=bs,
