@@ -208,7 +208,9 @@ def tiny_cache(tmp_path_factory) -> Path:
 
 
 SCENES_SHAPES = {"image": (1, 3, 8, 8), "semseg": (1, 8, 8), "depth": (1, 1, 8, 8),
-                 "normals": (1, 3, 8, 8), "edges": (1, 1, 8, 8), "classification": (1,)}
+                 "normals": (1, 3, 8, 8), "edges": (1, 1, 8, 8), "classification": (1,),
+                 # the detection boxes (cache format 2), flat over the split's images
+                 "boxes": (2, 4), "box_class": (2,), "box_object": (2,), "box_count": (1,)}
 
 
 @FUZZ

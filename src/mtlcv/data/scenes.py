@@ -356,7 +356,11 @@ def _load_split(root: Path, split: str, meta: dict[str, Any]) -> dict[str, np.nd
     except (OSError, ValueError, EOFError, KeyError, zipfile.BadZipFile, zlib.error) as e:
         raise DataError(f"cache file '{path}' is corrupt or truncated ({type(e).__name__}: "
                         f"{str(e)[:80]}); {hint}") from None
-    m = int(arrays["box_count"].sum()) if arrays["box_count"].shape == (n,) else -1
+    count = arrays["box_count"]
+    if count.dtype != np.int64:  # before summing it: a float count may be NaN
+        raise DataError(f"cache file '{path}': box_count has dtype {count.dtype}, expected "
+                        f"int64; {hint}")
+    m = int(count.sum()) if count.shape == (n,) else -1
     shapes |= {"box_count": (n,), "boxes": (m, 4), "box_class": (m,), "box_object": (m,)}
     for k, shape in shapes.items():
         if arrays[k].shape != shape:
@@ -369,9 +373,10 @@ def _load_split(root: Path, split: str, meta: dict[str, Any]) -> dict[str, np.nd
 
 
 def _bad_values(a: dict[str, np.ndarray]) -> str | None:
-    """What is wrong with a split's arrays (dtypes, label ranges, depth), or None."""
+    """What is wrong with a split's arrays (dtypes, label ranges, depth, boxes), or None."""
     want = {"image": np.uint8, "semseg": np.uint8, "depth": np.float32, "normals": np.float32,
-            "classification": np.int64}
+            "classification": np.int64, "boxes": np.float32, "box_class": np.uint8,
+            "box_object": np.int32, "box_count": np.int64}
     for k, dt in want.items():
         if a[k].dtype != dt:
             return f"{k} has dtype {a[k].dtype}, expected {np.dtype(dt).name}"
@@ -392,6 +397,15 @@ def _bad_values(a: dict[str, np.ndarray]) -> str | None:
         return "depth holds infinite values"
     if not np.isfinite(a["normals"]).all():
         return "normals hold NaN or infinite values"
+    return _bad_boxes(a)
+
+
+def _bad_boxes(a: dict[str, np.ndarray]) -> str | None:
+    """What is wrong with how a split's detection boxes are laid out, or None. Their values
+    (sizes, classes, coordinates) are the detection task's to check, per image and with every
+    problem listed, in ``mtlcv data check`` and in every batch (``Detection.check_target``)."""
+    if (a["box_count"] < 0).any():
+        return f"box_count holds {int(a['box_count'].min())}, a negative number of boxes"
     return None
 
 
