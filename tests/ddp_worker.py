@@ -1,6 +1,8 @@
-"""Run under ``torchrun``: train one small config per balancer named on the command line into
-``OUT/<balancer>``, then save each process's parameters and balancer state to
-``OUT/<balancer>/rank<r>.pt`` (tests/test_distributed.py compares them with one process).
+"""Run under ``torchrun``: train one small config per name on the command line into
+``OUT/<name>``, then save each process's parameters and balancer state to
+``OUT/<name>/rank<r>.pt`` (tests/test_distributed.py compares them with one process). A name
+is a balancer, or a key of the config's ``"variants"``: changes to the config (see
+:func:`variant`).
 
 Usage: torchrun --standalone --nproc-per-node 2 tests/ddp_worker.py CONFIG.json OUT NAME...
 
@@ -47,6 +49,20 @@ if "test-masked-scenes" not in DATASETS:
                                             **options))
 
 
+def variant(cfg: dict, name: str) -> dict:
+    """The config of run ``name``: ``cfg["variants"][name]`` merged into ``cfg`` (one level of
+    nesting: ``{"data": {"eval_batch_size": 2}}`` changes that key only), else ``cfg`` with the
+    balancer ``name``."""
+    base = {k: v for k, v in cfg.items() if k != "variants"}
+    changes = cfg.get("variants", {}).get(name)
+    if changes is None:
+        return dict(base, balancer={"name": name})
+    out = dict(base)
+    for k, v in changes.items():
+        out[k] = {**base[k], **v} if isinstance(v, dict) and isinstance(base.get(k), dict) else v
+    return out
+
+
 def main() -> None:
     from mtlcv.config import from_dict
     from mtlcv.engine import distributed
@@ -56,7 +72,7 @@ def main() -> None:
     cfg = json.loads(Path(sys.argv[1]).read_text())
     out = Path(sys.argv[2])
     for name in sys.argv[3:]:
-        t = Trainer(from_dict(dict(cfg, balancer={"name": name})), out / name, log=lambda s: None)
+        t = Trainer(from_dict(variant(cfg, name)), out / name, log=lambda s: None)
         t.fit()
         state = {
             "model": {k: v.detach().clone() for k, v in t.model.state_dict().items()},

@@ -184,11 +184,34 @@ def test_sigkill_at_random_moments_and_mid_write_loses_nothing(small_cfg_module,
             print(" | ".join(map(str, row)))
 
 
-def test_mid_epoch_stop_then_resume_is_bitwise_in_process(small_cfg, tmp_path):
+#: what a mid-epoch resume must carry beyond the weights: FAMO's logits, Adam moments and
+#: previous losses (its same-batch closure runs after every step), SI (stateless), and an
+#: optimizer with parameter groups (cross-stitch units at 100 x lr; the balancer's log-variances
+#: at their own lr, never decayed) beside auxiliary tasks and the published protocol's
+#: last-epochs test records
+RESUME_CASES = {
+    "fixed": {},
+    "famo": {"balancer": {"name": "famo"}},
+    "si": {"balancer": {"name": "si"}},
+    "groups-aux-published": {
+        "model": {"arch": "cross_stitch", "backbone": {"name": "tiny", "width": 8},
+                  "head": {"name": "light"}},
+        "balancer": {"name": "uncertainty", "options": {"lr": 0.025}},
+        "optim": {"name": "adam", "lr": 1e-3, "weight_decay": 1e-4},
+        "aux_tasks": ["normals"],
+        "eval": {"protocol": "published", "last_epochs": 2},
+    },
+}
+
+
+@pytest.mark.parametrize("case", list(RESUME_CASES))
+def test_mid_epoch_stop_then_resume_is_bitwise_in_process(small_cfg, tmp_path, case):
     """``train.checkpoint_every`` and a stop request between steps: the resumed run continues
-    mid-epoch with the same data order (augmentation on) and ends bitwise as the whole run."""
-    cfg = copy.deepcopy(small_cfg)
+    mid-epoch with the same data order (augmentation on) and ends bitwise as the whole run,
+    balancer state, optimizer groups and results included."""
+    cfg = {**copy.deepcopy(small_cfg), **copy.deepcopy(RESUME_CASES[case])}
     cfg["train"].update(epochs=2, max_steps=5, checkpoint_every=2)
+    cfg["data"]["eval_batch_size"] = 2
     ref = Trainer(from_dict(cfg), tmp_path / "ref", log=lambda s: None)
     ref.fit()
     t = Trainer(from_dict(cfg), tmp_path / "cut", log=lambda s: None)
@@ -205,11 +228,33 @@ def test_mid_epoch_stop_then_resume_is_bitwise_in_process(small_cfg, tmp_path):
         t.fit()
     assert load_checkpoint(tmp_path / "cut" / "last.pt")["step"] == 2
     torch.manual_seed(99)  # a new process: the global RNG is restored from the checkpoint
-    Trainer(from_dict(cfg), tmp_path / "cut", resume=True, log=lambda s: None).fit()
+    again = Trainer(from_dict(cfg), tmp_path / "cut", resume=True, log=lambda s: None)
+    results = again.fit()
     a = load_checkpoint(tmp_path / "ref" / "last.pt")
     b = load_checkpoint(tmp_path / "cut" / "last.pt")
     assert _same_weights(a["model"], b["model"])
+    assert _same_weights(a["balancer"], b["balancer"])
     assert a["history"][-1]["train_loss"] == b["history"][-1]["train_loss"]
+    assert a["history"][-1]["balancer"] == b["history"][-1]["balancer"]
+    assert a["meta"] == b["meta"] and a["meta"]["model"]["arch"] == cfg["model"]["arch"]
+    for x, y in zip(ref.optimizer.param_groups, again.optimizer.param_groups):
+        assert {k: v for k, v in x.items() if k != "params"} == \
+            {k: v for k, v in y.items() if k != "params"}
+    ref_results = json.loads((tmp_path / "ref" / "results.json").read_text())
+    for key in ("val", "test", "protocol", "aux_tasks", "selection"):
+        assert results[key] == ref_results[key], key
+    if case == "famo":  # the closure ran: the logits moved away from equal weights
+        assert int(b["balancer"]["has_prev"]) == 1
+        assert not torch.equal(b["balancer"]["logits"], torch.zeros(3, dtype=torch.float64))
+    if case == "groups-aux-published":
+        groups = again.optimizer.param_groups
+        scale = [g["lr"] / g["initial_lr"] for g in groups]  # one schedule over every group
+        assert [g["initial_lr"] for g in groups] == pytest.approx([1e-3, 0.1, 0.025])
+        assert scale == pytest.approx([scale[0]] * 3)
+        assert [g["weight_decay"] for g in groups] == [1e-4, 1e-4, 0.0]
+        assert results["aux_tasks"] == ["normals"]
+        assert results["protocol"]["epochs_averaged"] == [1, 2]
+        assert all("test" in h for h in b["history"])
 
 
 def _enospc_on(monkeypatch, name: str, nth: int = 1) -> None:
