@@ -234,3 +234,21 @@ def test_evaluation_shards_are_contiguous_runs_of_one_process_batches(small_cfg,
     assert one == [[0, 1], [2, 3], [4, 5], [6]]
     assert [b for s in shards for b in s] == one
     assert all(s for s in shards)  # 4 batches over 2 or 3 processes: none idle
+
+
+def test_published_protocol_refuses_a_resume_whose_last_epochs_were_not_tested(small_cfg,
+                                                                              tmp_path):
+    """Shortening a published-protocol run on resume would average epochs that ran without a
+    test evaluation: refused in one line when the run is resumed, not after its training."""
+    cfg = copy.deepcopy(small_cfg)
+    cfg["train"].update(epochs=4, max_steps=1, threads=1)
+    cfg["schedule"] = {"name": "none"}
+    cfg["eval"] = {"protocol": "published", "last_epochs": 1}
+    Trainer(from_dict(cfg), tmp_path / "run", log=lambda s: None).fit(stop_after_epoch=2)
+    cfg["train"]["epochs"] = 2  # epoch 2 was not among the last 1 of 4: never tested
+    with pytest.raises(ConfigError, match="epoch.s. 2 ran without a test evaluation") as exc:
+        Trainer(from_dict(cfg), tmp_path / "run", resume=True, log=lambda s: None).fit()
+    assert "\n" not in str(exc.value)
+    cfg["train"]["epochs"] = 5  # longer: its last epoch is still to come, and tested
+    results = train(from_dict(cfg), tmp_path / "run", resume=True, log=lambda s: None)
+    assert results["protocol"]["epochs_averaged"] == [5]

@@ -372,8 +372,11 @@ class Trainer:
             )
         return to_dict(saved)
 
-    def _check_resume_epochs(self, done: int) -> None:
-        """Refuse an epoch count the run cannot be continued to exactly."""
+    def _check_resume_epochs(
+        self, done: int, history: list[dict[str, Any]] | None = None
+    ) -> None:
+        """Refuse an epoch count the run cannot be continued to exactly, or (published protocol)
+        whose last ``eval.last_epochs`` epochs include finished ones that were not tested."""
         assert self._saved_cfg is not None
         was = int(self._saved_cfg["train"]["epochs"])
         now = self.cfg.train.epochs
@@ -386,6 +389,17 @@ class Trainer:
                 f"has set the learning rate of {done} epochs by it; keep train.epochs={was}, or "
                 "start a new run with the longer schedule"
             )
+        if self.cfg.eval.protocol == PUBLISHED and now != was:
+            k = self.cfg.eval.last_epochs
+            tested = {int(h["epoch"]) for h in history or () if "test" in h}
+            untested = [e for e in range(max(1, now - k + 1), done + 1) if e not in tested]
+            if untested:
+                raise ConfigError(
+                    f"{where}: eval.protocol published averages the test metrics of the last "
+                    f"{k} epochs, but epoch(s) {', '.join(map(str, untested))} ran without a test "
+                    f"evaluation (they were not among the last {k} of {was}); keep "
+                    f"train.epochs={was}"
+                )
 
     def _state(self) -> dict[str, Any]:
         """``last.pt``: plain Python values and tensors only (loadable with weights_only)."""
@@ -416,7 +430,7 @@ class Trainer:
         )
         try:
             done = int(ckpt["epoch"])
-            self._check_resume_epochs(done)
+            self._check_resume_epochs(done, list(ckpt["history"]))
             world = int(ckpt.get("world_size", 1))
             if world != distributed.world_size():
                 raise CheckpointError(
