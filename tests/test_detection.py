@@ -378,6 +378,50 @@ def test_metric_does_not_depend_on_batch_size(task):
     assert whole.compute() == single.compute()
 
 
+def test_metric_states_merge_in_rank_order_to_the_whole_split(task):
+    """Processes evaluating contiguous runs of the split merge (pickled, as gathered) into the
+    whole split's detections in order: the same mAP exactly, ties of scores between images
+    included (a perfect prediction gives every box the same score)."""
+    import pickle
+
+    target = target_of([((2, 3, 12, 15), 0), ((20, 1, 29, 19), 2)], [((5, 5, 9, 9), 1)],
+                       [((1, 1, 28, 18), 1)], [((4, 4, 10, 12), 0)])
+    g = torch.Generator().manual_seed(1)
+    pred = perfect_prediction(task, target, 20, 30)
+    pred[2:] += 3 * torch.randn(2, task.channels, 20, 30, generator=g)  # errors, same scores
+    whole, first, second = task.new_metric(), task.new_metric(), task.new_metric()
+    whole.update(pred, target)
+    first.update(pred[:2], target[:2])
+    second.update(pred[2:], target[2:])
+    first.merge(pickle.loads(pickle.dumps(second.state())))
+    assert len(first.detections) == 4
+    assert first.compute() == whole.compute()
+    assert 0 < whole.compute()["map"] < 100
+
+
+def test_loss_count_is_what_the_loss_divides_by(task):
+    """The count is the positive locations at the prediction's resolution (at least 1), so the
+    count-weighted mean of two halves' losses is the whole batch's loss when its IoU term
+    vanishes (exact boxes; focal and centerness terms divided by the positives)."""
+    target = target_of([((2, 3, 12, 15), 0), ((20, 1, 29, 19), 2)], [((5, 5, 9, 9), 1)],
+                       [((1, 1, 28, 18), 1), ((14, 4, 18, 8), 2)])
+    pred = perfect_prediction(task, target, 20, 30)
+    g = torch.Generator().manual_seed(0)
+    c = task.num_classes
+    pred[:, :c] += 2 * torch.randn(3, c, 20, 30, generator=g)  # classes and centerness wrong,
+    pred[:, -1] += torch.randn(3, 20, 30, generator=g)  # the distances exact
+    _, _, pos = task.assign(target, 20, 30)
+    assert float(task.loss_count(target, pred)) == float(pos.sum())
+    assert float(task.loss_count(target)) == float(pos.sum())  # boxes inside the image
+    assert float(task.loss_count(target_of([], []), pred[:2])) == 1.0  # negatives still count
+    parts = [(pred[:1], target[:1]), (pred[1:], target[1:])]
+    counts = [task.loss_count(t, p) for p, t in parts]
+    combined = sum(n * task.loss(p, t) for n, (p, t) in zip(counts, parts)) / sum(counts)
+    assert float(combined) == pytest.approx(float(task.loss(pred, target)), rel=1e-6)
+    mean = sum(task.loss(p, t) for p, t in parts) / 2
+    assert abs(float(mean) - float(task.loss(pred, target))) > 1e-3  # a plain mean is not
+
+
 @pytest.mark.parametrize("rows, message", [
     ([[5, 0, 2, 4, 0]], "box 0 has negative width"),
     ([[0, 5, 4, 5, 1]], "box 0 has zero height"),

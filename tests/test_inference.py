@@ -12,6 +12,7 @@ import re
 import shutil
 import subprocess
 import sys
+from fractions import Fraction
 from pathlib import Path
 
 import numpy as np
@@ -75,7 +76,7 @@ def one_line(text: str) -> bool:
 
 def test_checkpoint_describes_its_model_in_plain_data(run_dir):
     best = torch.load(run_dir / "best.pt", weights_only=True)  # plain data only: loads safely
-    last = torch.load(run_dir / "last.pt", weights_only=False)
+    last = torch.load(run_dir / "last.pt", weights_only=True)  # the training state too
     assert best["meta"] == last["meta"]
     meta = best["meta"]
     assert meta["format"] == FORMAT and meta["mtlcv_version"] == mtlcv.__version__
@@ -232,9 +233,11 @@ def test_checkpoint_without_metadata_uses_its_run_config(run_dir, model, tmp_pat
         (lambda c: c["meta"]["tasks"]["semseg"]["options"].update(num_classes=9), "shape mis"),
         (lambda c: c.pop("model"), "not an mtlcv training checkpoint"),
         (lambda c: c.update(meta="v1"), "not an mtlcv checkpoint description"),
+        # a pickled object that is not plain data: never unpickled (it could run code)
+        (lambda c: c.update(extra=Fraction(1, 3)), "refusing to unpickle"),
     ],
     ids=["newer-format", "unknown-arch", "unknown-kind", "missing-key", "wrong-shape",
-         "no-weights", "bad-meta"],
+         "no-weights", "bad-meta", "unsafe-object"],
 )  # fmt: skip
 def test_incompatible_checkpoint_is_refused_in_one_line(run_dir, tmp_path, edit, message):
     path = _with(run_dir, tmp_path, edit)

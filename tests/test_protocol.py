@@ -181,3 +181,74 @@ def test_delta_m_between_protocols_is_refused_unless_allowed(small_cfg, tmp_path
         Trainer(from_dict(cfg), tmp_path / "d", log=lambda s: None)
     with pytest.raises(ConfigError, match="eval.protocol"):
         from_dict({**small_cfg, "eval": {"protocol": "paper"}})
+
+
+# ---------------------------------------------------------------------- several processes
+def test_batch_means_merge_across_processes_exactly():
+    """The published protocol's batch means carry their per-batch values: contiguous runs of
+    batches scored apart and merged in rank order (pickled, as gathered) give one process's
+    numbers bit for bit, batches without valid pixels skipped alike."""
+    import pickle
+
+    from mtlcv.engine.protocol import new_metric
+
+    g = torch.Generator().manual_seed(0)
+    batches = []
+    for k in range(5):
+        depth = torch.rand(2, 1, 6, 8, generator=g) + 0.5
+        normals = torch.nn.functional.normalize(torch.randn(2, 3, 6, 8, generator=g), dim=1)
+        if k == 3:  # no valid pixel: NaN, left out of the mean
+            depth, normals = torch.zeros_like(depth), torch.zeros_like(normals)
+        batches.append({"depth": (torch.rand(2, 1, 6, 8, generator=g) + 0.5, depth),
+                        "normals": (torch.randn(2, 3, 6, 8, generator=g), normals)})
+    for name in ("depth", "normals"):
+        task = TASKS.create(name)
+        whole = new_metric(task, "published")
+        parts = [new_metric(task, "published") for _ in range(3)]
+        for k, b in enumerate(batches):
+            whole.update(*b[name])
+            parts[0 if k < 2 else 1 if k < 4 else 2].update(*b[name])  # runs of 2, 2, 1
+        for other in parts[1:]:
+            parts[0].merge(pickle.loads(pickle.dumps(other.state())))
+        assert parts[0].compute() == whole.compute(), name
+        # and the batch mean is not the split-level value (the merge kept the batches)
+        exact = task.new_metric()
+        for b in batches:
+            exact.update(*b[name])
+        assert parts[0].compute() != exact.compute()
+
+
+@pytest.mark.parametrize("world", [2, 3])
+def test_evaluation_shards_are_contiguous_runs_of_one_process_batches(small_cfg, world):
+    """With several processes each evaluates a contiguous run of the batches one process forms
+    (so batch means and merge order are one process's); every sample exactly once."""
+    from mtlcv.engine.experiment import make_loader
+
+    cfg = copy.deepcopy(small_cfg)
+    cfg["data"]["eval_batch_size"] = 2
+    ds = [{"image": torch.full((3, 2, 2), float(i))} for i in range(7)]
+    one = [b["image"][:, 0, 0, 0].tolist() for b in make_loader(from_dict(cfg), ds, False)]
+    shards = [[b["image"][:, 0, 0, 0].tolist()
+               for b in make_loader(from_dict(cfg), ds, False, rank=r, world=world)]
+              for r in range(world)]
+    assert one == [[0, 1], [2, 3], [4, 5], [6]]
+    assert [b for s in shards for b in s] == one
+    assert all(s for s in shards)  # 4 batches over 2 or 3 processes: none idle
+
+
+def test_published_protocol_refuses_a_resume_whose_last_epochs_were_not_tested(small_cfg,
+                                                                              tmp_path):
+    """Shortening a published-protocol run on resume would average epochs that ran without a
+    test evaluation: refused in one line when the run is resumed, not after its training."""
+    cfg = copy.deepcopy(small_cfg)
+    cfg["train"].update(epochs=4, max_steps=1, threads=1)
+    cfg["schedule"] = {"name": "none"}
+    cfg["eval"] = {"protocol": "published", "last_epochs": 1}
+    Trainer(from_dict(cfg), tmp_path / "run", log=lambda s: None).fit(stop_after_epoch=2)
+    cfg["train"]["epochs"] = 2  # epoch 2 was not among the last 1 of 4: never tested
+    with pytest.raises(ConfigError, match="epoch.s. 2 ran without a test evaluation") as exc:
+        Trainer(from_dict(cfg), tmp_path / "run", resume=True, log=lambda s: None).fit()
+    assert "\n" not in str(exc.value)
+    cfg["train"]["epochs"] = 5  # longer: its last epoch is still to come, and tested
+    results = train(from_dict(cfg), tmp_path / "run", resume=True, log=lambda s: None)
+    assert results["protocol"]["epochs_averaged"] == [5]

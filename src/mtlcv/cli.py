@@ -3,7 +3,9 @@ list, config, demo.
 
 Every user mistake (a bad config key, a missing file, a corrupt cache) is an
 :class:`~mtlcv.errors.MtlcvError`: the CLI prints its one line and exits with code 2, never a
-traceback. Ctrl-C exits with 130 and leaves the last complete epoch's checkpoint in place.
+traceback. During training SIGTERM finishes the step, saves a checkpoint and exits with 75
+(:class:`~mtlcv.errors.Preempted`); Ctrl-C exits with 130 and keeps the last checkpoint; SIGTERM
+outside training exits with 143 and one line. Under torchrun only ``train`` runs.
 With ``--json`` (eval, compare, list, config keys/options, bench) stdout holds the JSON alone;
 logs and progress go to stderr.
 """
@@ -12,14 +14,17 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
+import signal
 import sys
+import threading
 import time
 from collections.abc import Sequence
 from pathlib import Path
 
 from . import __version__
 from .cli_config import add_config_parser
-from .errors import ConfigError, MtlcvError
+from .errors import CheckpointError, ConfigError, MtlcvError, Preempted
 
 
 def _console():  # rich is imported lazily: `mtlcv --help` stays fast
@@ -50,26 +55,68 @@ def _positive(text: str) -> int:
 
 
 # ---------------------------------------------------------------------- commands
+def new_run_dir(parent: Path, name: str) -> Path:
+    """A fresh ``parent/NAME-YYYYmmdd-HHMMSS[-k]``, created atomically: two launches in the same
+    second get different folders (mkdir either creates a folder or fails, never both)."""
+    from .engine.checkpoint import _reason
+
+    stamp = f"{name}-{time.strftime('%Y%m%d-%H%M%S')}"
+    try:
+        parent.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise ConfigError(f"cannot create {str(parent)!r}: {_reason(exc)}") from None
+    for k in range(1, 1000):
+        path = parent / (stamp if k == 1 else f"{stamp}-{k}")
+        try:
+            path.mkdir()
+            return path
+        except FileExistsError:
+            continue
+        except OSError as exc:
+            raise ConfigError(f"cannot create the run directory {str(path)!r}: {_reason(exc)}") \
+                from None
+    raise ConfigError(f"cannot find a free run directory name {stamp}-k in {str(parent)!r}")
+
+
 def cmd_train(args: argparse.Namespace) -> int:
     from .config import load
+    from .engine import distributed
     from .engine.trainer import train
 
+    restarted = distributed.restart_count() > 0
+    under_torchrun = distributed.env_world_size() > 1 or "TORCHELASTIC_RUN_ID" in os.environ
     if args.resume and args.out is None:
         raise ConfigError("--resume needs --out DIR, the run directory to continue")
-    if args.config is None and not args.resume:
+    if under_torchrun and args.out is None:
+        raise ConfigError(
+            "under torchrun pass --out DIR: every process and every restart must name the same "
+            "run directory"
+        )
+    out = Path(args.out) if args.out is not None else None
+    # continue when asked, when told to continue whatever is there, and after torchrun restarted
+    # a failed worker group (the run directory then holds the last checkpoint)
+    resume = args.resume or (
+        (args.auto_resume or restarted) and out is not None and (out / "last.pt").is_file()
+    )
+    if args.config is None and not resume:
         raise ConfigError("train needs --config FILE (see configs/ for ready experiments)")
     config = args.config
     if config is None:  # resume with the run's own config
-        config = Path(args.out) / "config.yaml"
+        config = out / "config.yaml"
     cfg = load(config, args.set)
-    out = (
-        Path(args.out)
-        if args.out
-        else Path("runs") / f"{cfg.name}-{time.strftime('%Y%m%d-%H%M%S')}"
-    )
-    results = train(cfg, out, resume=args.resume)
-    if results is not None:
-        _print_results(results, out)
+    made = None
+    if out is None:
+        out = made = new_run_dir(Path("runs"), cfg.name)
+    try:
+        results = train(cfg, out, resume=resume)
+        if results is not None and distributed.is_main():
+            _print_results(results, out)
+    except BaseException:
+        if made is not None and not any(made.iterdir()):
+            made.rmdir()  # a run that never started leaves no empty folder behind
+        raise
+    finally:
+        distributed.shutdown()
     return 0
 
 
@@ -100,10 +147,18 @@ def cmd_eval(args: argparse.Namespace) -> int:
     if not (run / "config.yaml").is_file():
         raise ConfigError(f"--run {str(run)!r} is not a run directory (no config.yaml)")
     cfg = load(run / "config.yaml", args.set)
+    path = run / f"{args.checkpoint}.pt"
+    ckpt = load_checkpoint(path)  # before building: a bad file costs no data loading
     # evaluation never augments, whatever the split: two calls give the same numbers
     exp = build(cfg, splits=(args.split,), augment=False)
-    ckpt = load_checkpoint(run / f"{args.checkpoint}.pt", map_location=exp.device)
-    exp.model.load_state_dict(ckpt["model"])
+    try:
+        exp.model.load_state_dict(ckpt["model"])
+    except (KeyError, RuntimeError, TypeError, ValueError, AttributeError) as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise CheckpointError(
+            f"checkpoint {str(path)!r} does not match the model of {str(run / 'config.yaml')!r} "
+            f"(model.arch {cfg.model.arch!r}): {first[:160]}"
+        ) from None
     loader = make_loader(cfg, exp.datasets[args.split], train=False)
     metrics = evaluate(exp.model, exp.tasks, loader, exp.device, cfg.eval.protocol,
                        progress=f"{args.split} split")
@@ -143,6 +198,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
 def cmd_compare(args: argparse.Namespace) -> int:
     from .analysis.tables import metric_directions
     from .config import load_dict
+    from .engine.checkpoint import atomic_write_text
     from .engine.grid import grid_table, markdown_table, parse_vary, run_grid, summarise
 
     base = load_dict(args.config, args.set)
@@ -152,8 +208,8 @@ def cmd_compare(args: argparse.Namespace) -> int:
     higher = metric_directions(next(iter(vs[0].runs.values())))
     rows = summarise(vs, base_v, higher)
     out = Path(args.out)
-    (out / "summary.json").write_text(json.dumps(rows, indent=2))
-    (out / "summary.md").write_text(markdown_table(rows, higher) + "\n")
+    atomic_write_text(json.dumps(rows, indent=2), out / "summary.json")
+    atomic_write_text(markdown_table(rows, higher) + "\n", out / "summary.md")
     if args.json:
         _emit_json(args, rows)
         return 0
@@ -381,6 +437,12 @@ def build_parser() -> argparse.ArgumentParser:
     _add_set(t, "override a config key, e.g. --set optim.lr=1e-4 (repeatable)")
     t.add_argument("--out", help="run directory (default runs/NAME-TIMESTAMP)")
     t.add_argument("--resume", action="store_true", help="continue the run in --out exactly")
+    t.add_argument(
+        "--auto-resume",
+        action="store_true",
+        help="continue the run in --out when it holds a checkpoint, else start it (for jobs "
+        "that a scheduler requeues; torchrun restarts do this by themselves)",
+    )
     t.set_defaults(func=cmd_train)
 
     e = sub.add_parser("eval", help="evaluate a run's checkpoint on a split")
@@ -548,21 +610,68 @@ def _run(args: argparse.Namespace) -> int:
     args.json_out = sys.stdout
     with contextlib.redirect_stdout(sys.stderr):
         return args.func(args)
+class Terminated(Exception):
+    """SIGTERM outside training (training handles it itself: it saves a checkpoint first)."""
+
+
+def _on_sigterm(signum: int, frame: object) -> None:
+    raise Terminated()
+
+
+def _rank_prefix() -> str | None:
+    """'' for rank 0 (or a single process), '[rank r] ' for others; None: print nothing."""
+    from .engine import distributed
+
+    rank = int(os.environ.get("RANK", "0")) if distributed.env_world_size() > 1 else 0
+    return "" if rank == 0 else f"[rank {rank}] "
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    previous = None
+    if threading.current_thread() is threading.main_thread():
+        previous = signal.signal(signal.SIGTERM, _on_sigterm)
     try:
+        from .engine.distributed import env_world_size
+
+        if env_world_size() > 1 and args.func is not cmd_train:
+            raise ConfigError(
+                f"only `mtlcv train` runs under torchrun (WORLD_SIZE={env_world_size()}); run "
+                f"`mtlcv {args.command}` in one process, or each of compare's runs with torchrun"
+            )
         return _run(args)
+    except Preempted as exc:
+        if _rank_prefix() == "":
+            print(f"mtlcv: {exc}", file=sys.stderr)
+        return exc.exit_code
     except MtlcvError as exc:
-        print(f"mtlcv: error: {exc}", file=sys.stderr)
+        prefix = _rank_prefix()
+        if prefix == "" or not getattr(exc, "agreed", False):
+            print(f"mtlcv: {prefix}error: {exc}", file=sys.stderr)
         return exc.exit_code
     except KeyboardInterrupt:
         print(
-            "mtlcv: interrupted; the last finished epoch is saved (continue with --resume)",
+            "mtlcv: interrupted; the last checkpoint is kept (continue with --resume)",
             file=sys.stderr,
         )
         return 130
+    except Terminated:
+        print("mtlcv: terminated by SIGTERM", file=sys.stderr)
+        return 128 + signal.SIGTERM
+    except RuntimeError as exc:
+        from .engine import distributed
+
+        if distributed.env_world_size() <= 1:
+            raise
+        # a collective failed: another process of the group died (torchrun restarts or stops
+        # the group); one line, not a traceback of every survivor
+        first = str(exc).strip().splitlines()[0][:200] if str(exc).strip() else "RuntimeError"
+        print(f"mtlcv: {_rank_prefix()}error: the process group failed ({first})",
+              file=sys.stderr)
+        return 1
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
 
 
 if __name__ == "__main__":  # pragma: no cover

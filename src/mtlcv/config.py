@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import math
 import sys
 import types
 import typing
@@ -104,6 +105,15 @@ class TrainConfig:
     progress: bool = True
     #: CPU threads for PyTorch's intra-op parallelism (None = PyTorch's default, one per core)
     threads: int | None = None
+    #: also write ``last.pt`` every N optimizer steps (None = at the end of every epoch only);
+    #: a resume then continues mid-epoch exactly
+    checkpoint_every: int | None = None
+    #: a NaN or infinite loss: ``stop`` (one line naming task and step; the last checkpoint is
+    #: kept) or ``skip`` (warn, naming task and step, and leave that step out)
+    on_nonfinite: str = "stop"
+    #: with several processes (torchrun): batch norm over the global batch (exact; see
+    #: docs/distributed.md) instead of each process's own samples
+    sync_bn: bool = True
 
 
 @dataclass
@@ -161,6 +171,9 @@ class ExperimentConfig:
 OPTIMIZERS = ("adam", "sgd", "adamw")
 PROTOCOLS = ("exact", "published")
 SCHEDULES = ("none", "step", "cosine")
+ON_NONFINITE = ("stop", "skip")
+#: the dataset factory's own arguments, set by ``data.root``, the split and ``data.augment``
+DATASET_ARGUMENTS = ("root", "split", "augment")
 
 
 def _type_name(tp: Any) -> str:
@@ -285,14 +298,39 @@ def validate(cfg: ExperimentConfig) -> ExperimentConfig:
         positive["train.max_steps"] = cfg.train.max_steps
     if cfg.train.threads is not None:
         positive["train.threads"] = cfg.train.threads
+    if cfg.train.checkpoint_every is not None:
+        positive["train.checkpoint_every"] = cfg.train.checkpoint_every
     for key, value in positive.items():
         if value < 1:
             raise ConfigError(f"config key {key!r}: got {value}, expected a positive integer")
-    if cfg.optim.lr <= 0:
-        raise ConfigError(f"config key 'optim.lr': got {cfg.optim.lr}, expected a positive number")
+    if not 0 <= cfg.seed < 2**64:
+        raise ConfigError(f"config key 'seed': got {cfg.seed}, expected an integer in [0, 2^64)")
+    numbers = {
+        # key: (value, low, low allowed, high (excluded) or None, what is expected)
+        "optim.lr": (cfg.optim.lr, 0.0, False, None, "a positive number"),
+        "optim.weight_decay": (cfg.optim.weight_decay, 0.0, True, None, "a number >= 0"),
+        "optim.momentum": (cfg.optim.momentum, 0.0, True, 1.0, "a number in [0, 1)"),
+        # a negative factor would turn the steps into gradient ascent
+        "schedule.gamma": (cfg.schedule.gamma, 0.0, False, None, "a positive number"),
+    }
+    for key, (value, low, low_ok, high, want) in numbers.items():
+        ok = math.isfinite(value) and (value > low or (low_ok and value == low))
+        if not ok or (high is not None and value >= high):
+            raise ConfigError(f"config key {key!r}: got {value}, expected {want}")
     if cfg.data.num_workers < 0:
         raise ConfigError(
             f"config key 'data.num_workers': got {cfg.data.num_workers}, expected >= 0"
+        )
+    if cfg.train.on_nonfinite not in ON_NONFINITE:
+        raise ConfigError(
+            f"config key 'train.on_nonfinite': got {cfg.train.on_nonfinite!r}, "
+            f"expected one of {', '.join(ON_NONFINITE)}"
+        )
+    clash = [k for k in DATASET_ARGUMENTS if k in cfg.data.options]
+    if clash:
+        raise ConfigError(
+            f"config key 'data.options.{clash[0]}': set by mtlcv itself (use data.root, and "
+            "data.augment; the split is chosen by the trainer); remove it from data.options"
         )
     for key in ("backbone", "head"):
         comp = getattr(cfg.model, key)
@@ -324,7 +362,11 @@ def parse_override(item: str) -> tuple[list[str], Any]:
     try:
         value = yaml.safe_load(raw) if raw.strip() else None
     except yaml.YAMLError:
-        value = raw
+        value = raw  # not YAML: the text itself (e.g. a name with a colon)
+    except (ValueError, TypeError, OverflowError, RecursionError) as exc:
+        raise ConfigError(
+            f"--set {item!r}: the value cannot be read ({type(exc).__name__})"
+        ) from None
     # YAML 1.1 reads "1e-3" as a string; accept the usual float spellings
     if isinstance(value, str):
         try:
@@ -353,16 +395,59 @@ def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any
     return data
 
 
-def read_yaml(path: str | Path) -> dict[str, Any]:
-    path = Path(path)
-    if not path.is_file():
-        raise ConfigError(f"config file {str(path)!r} does not exist")
+class _StrictLoader(yaml.SafeLoader):
+    """yaml.SafeLoader that refuses duplicate keys (PyYAML keeps the last one silently)."""
+
+
+def _mapping(loader: _StrictLoader, node: yaml.MappingNode, deep: bool = False) -> dict:
+    seen: dict[Any, int] = {}
+    for key_node, _ in node.value:
+        key = loader.construct_object(key_node, deep=deep)
+        try:
+            if key in seen:
+                raise yaml.constructor.ConstructorError(
+                    None, None, f"duplicate key {key!r} (also at line {seen[key] + 1})",
+                    key_node.start_mark,
+                )
+            seen[key] = key_node.start_mark.line
+        except TypeError:  # an unhashable key: let PyYAML report it
+            break
+    return loader.construct_mapping(node, deep=deep)
+
+
+_StrictLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _mapping)
+
+
+def parse_yaml(text: str, what: str) -> Any:
+    """YAML ``text`` (safe, duplicate keys refused); ConfigError naming ``what`` and the line."""
     try:
-        data = yaml.safe_load(path.read_text())
+        return yaml.load(text, Loader=_StrictLoader)  # noqa: S506 - a SafeLoader subclass
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f" at line {mark.line + 1}" if mark is not None else ""
-        raise ConfigError(f"config file {str(path)!r} is not valid YAML{where}") from None
+        problem = getattr(exc, "problem", None)
+        detail = f": {problem}" if problem else ""
+        raise ConfigError(f"{what} is not valid YAML{where}{detail}") from None
+    except (ValueError, TypeError, OverflowError, RecursionError) as exc:
+        raise ConfigError(f"{what} is not valid YAML ({type(exc).__name__}: {exc})") from None
+
+
+def read_yaml(path: str | Path) -> dict[str, Any]:
+    path = Path(path)
+    if not path.is_file():
+        what = "is a folder, not a file" if path.is_dir() else "does not exist"
+        raise ConfigError(f"config file {str(path)!r} {what}")
+    try:
+        text = path.read_bytes().decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise ConfigError(
+            f"config file {str(path)!r} is not UTF-8 text (byte {exc.start}); save it as UTF-8"
+        ) from None
+    except OSError as exc:
+        raise ConfigError(
+            f"config file {str(path)!r} cannot be read ({exc.strerror or type(exc).__name__})"
+        ) from None
+    data = parse_yaml(text, f"config file {str(path)!r}")
     if data is None:
         return {}
     if not isinstance(data, dict):

@@ -96,6 +96,19 @@ class Balancer(nn.Module):
     ) -> None:
         """Hook called once per epoch with the mean training loss and the val KPI of each task."""
 
+    @staticmethod
+    def sync_gradients(model: nn.Module | None) -> None:
+        """With several processes (torchrun): average ``model``'s gradients over them, after a
+        backward pass of losses whose values are global (as the trainer provides). No-op for
+        a single process. Every ``backward`` that computes gradients locally calls it before
+        anything that reads them (e.g. gradient clipping)."""
+        if model is None:
+            return
+        from ..engine import distributed
+
+        if distributed.active():
+            distributed.sync_gradients(model.parameters(), "mean")
+
 
 class Weighting(Balancer):
     """Loss weighting: the update is the gradient of ``sum_k w_k L_k``."""
@@ -109,6 +122,7 @@ class Weighting(Balancer):
         w = self.weights(losses)
         total = (w * losses).sum()
         total.backward()
+        self.sync_gradients(model)
         return weight_logs(w)
 
 
@@ -188,17 +202,22 @@ class GradientBalancer(Balancer):
 
         if model is None:
             raise TypeError(f"{type(self).__name__}.backward needs the model")
+        from ..engine import distributed
+
         scale = self.loss_scale(losses)
         info: dict = {}
-        # a method that only weighs the Gramian never needs G itself (see jacobian.py)
+        # a method that only weighs the Gramian never needs G itself (see jacobian.py); with
+        # several processes G is needed: its all-reduce gives the global per-task gradients
         cls = type(self)
         gramian_only = (cls.aggregate is GradientBalancer.aggregate
-                        and cls.aggregate_gradients is GradientBalancer.aggregate_gradients)
+                        and cls.aggregate_gradients is GradientBalancer.aggregate_gradients
+                        and not distributed.active())
         tg = task_gradients(
             losses, model, self.mode, scale=scale, batched=self.batched,
             safe=not self._batched_ok, info=info, gramian=gramian_only,
         )
         self._batched_ok = self._batched_ok or bool(info.get("batched"))
+        tg.globalise()
         if tg.matrix is None:
             assert tg.gramian is not None
             w = self.gramian_weights(tg.gramian, losses.detach())
@@ -207,6 +226,7 @@ class GradientBalancer(Balancer):
         else:
             update = self.aggregate_gradients(tg, losses.detach())
             tg.apply(update, self._task_coeffs(update))
+        tg.synchronise(model)
         self.after_backward(model)
         return weight_logs(self.last_weights)
 

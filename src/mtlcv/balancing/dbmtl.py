@@ -114,13 +114,18 @@ class DBMTL(GradientBalancer):
                     self._fold(t, g.detach().reshape(-1), state["b"], i)
                 i += p.numel()
 
+        from ..engine import distributed
+
         info: dict = {}
+        # several processes: G is formed and all-reduced (tg.globalise) instead of folded
         tg = task_gradients(losses, model, self.mode, scale=self.loss_scale(losses),
                             batched=self.batched, safe=not self._batched_ok, info=info,
-                            on_row=fold)
+                            on_row=None if distributed.active() else fold)
         self._batched_ok = self._batched_ok or bool(info.get("batched"))
+        tg.globalise()
         update = self.aggregate(tg.matrix) if tg.matrix is not None else self._combine()
         tg.apply(update, torch.ones(self.num_tasks, device=update.device, dtype=update.dtype))
+        tg.synchronise(model)
         self.after_backward(model)
         return weight_logs(self.last_weights)
 

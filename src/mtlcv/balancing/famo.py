@@ -131,6 +131,7 @@ class FAMO(Weighting):
     def backward(self, losses: torch.Tensor, model: nn.Module | None = None) -> dict[str, float]:
         w = self.weights(losses)
         (w * losses).sum().backward()
+        self.sync_gradients(model)
         if model is not None:
             clip_shared(model, self.max_norm)
         return weight_logs(self.z())

@@ -103,6 +103,7 @@ class NashMTL(GradientBalancer):
         self.steps += 1
         self.last_weights = self.alpha.to(losses)
         (self.last_weights * losses).sum().backward()
+        self.sync_gradients(model)
         if model is not None:
             self.after_backward(model)
         return weight_logs(self.last_weights)

@@ -78,6 +78,7 @@ class UncertaintyWeighting(Weighting):
 
     def backward(self, losses: torch.Tensor, model: nn.Module | None = None) -> dict[str, float]:
         self.total(losses).backward()
+        self.sync_gradients(model)
         return weight_logs(self.weights(losses))
 
 

@@ -23,6 +23,8 @@ Each problem is one line naming the file; nothing stops at the first one.
 
 from __future__ import annotations
 
+import zipfile
+import zlib
 from pathlib import Path
 
 import h5py
@@ -262,7 +264,7 @@ def _fixture(path: Path) -> tuple[list[str], str]:
             if line:
                 problems.append(line)
             summary += f"; {TEST_LABELS}: {len(seg13)} test label maps"
-        except (ValueError, OSError, EOFError, KeyError) as e:
+        except (ValueError, OSError, EOFError, KeyError, zipfile.BadZipFile, zlib.error) as e:
             problems.append(f"{labels}: unreadable ({e})")
     return problems, summary
 

@@ -225,6 +225,23 @@ def default_root(n: int, size: Sequence[int], seed: int) -> Path:
 def write_cache(out_dir: str | os.PathLike, n: int = 600, size: Sequence[int] = (96, 128),
                 seed: int = 0, splits: Sequence[float] = (0.8, 0.1, 0.1),
                 progress: bool = True) -> Path:
+    """Render ``n`` images into the cache folder ``out_dir`` (see :func:`_write_cache`); a
+    file-system failure (a file in the way, a read-only or full disk) is a one-line DataError
+    naming the folder, and leaves no partial file behind."""
+    out = Path(out_dir).expanduser()
+    if out.exists() and not out.is_dir():
+        raise DataError(f"scenes cache '{out}' is a file, not a folder; choose another folder")
+    try:
+        return _write_cache(out, n, size, seed, splits, progress)
+    except OSError as exc:
+        from ..engine.checkpoint import _reason
+
+        raise DataError(f"cannot write the scenes cache '{out}': {_reason(exc)}") from None
+
+
+def _write_cache(out_dir: str | os.PathLike, n: int = 600, size: Sequence[int] = (96, 128),
+                 seed: int = 0, splits: Sequence[float] = (0.8, 0.1, 0.1),
+                 progress: bool = True) -> Path:
     """Render ``n`` images and write ``train.npz``, ``val.npz``, ``test.npz`` and ``meta.json``.
 
     Arrays are stored losslessly (image and semseg uint8, depth and normals float32, edges uint8,
@@ -270,8 +287,11 @@ def write_cache(out_dir: str | os.PathLike, n: int = 600, size: Sequence[int] = 
             "det_classes": list(DET_CLASSES), "min_pixels": MIN_PIXELS,
             "hfov_deg": HFOV_DEG, "focal_px": focal(w)}
     tmp = out / f".meta.{os.getpid()}.tmp.json"
-    tmp.write_text(json.dumps(meta, indent=1))
-    os.replace(tmp, out / "meta.json")
+    try:
+        tmp.write_text(json.dumps(meta, indent=1))
+        os.replace(tmp, out / "meta.json")
+    finally:
+        tmp.unlink(missing_ok=True)
     return out
 
 
@@ -291,7 +311,27 @@ def _read_meta(root: Path) -> dict[str, Any]:
     if meta.get("format") != FORMAT:
         raise DataError(f"cache '{root}' has format {meta.get('format')!r}, this version reads "
                         f"format {FORMAT}; delete it to re-render")
+    problem = _bad_meta(meta)
+    if problem:
+        raise DataError(f"cache file '{path}' is inconsistent ({problem}); delete the folder or "
+                        f"run `mtlcv data scenes --out {root}`")
     return meta
+
+
+def _count(v: Any) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool) and v >= 0
+
+
+def _bad_meta(meta: dict[str, Any]) -> str | None:
+    """What is wrong with a cache's meta.json fields, or None."""
+    size, splits = meta["size"], meta["splits"]
+    if not (isinstance(size, list) and len(size) == 2 and all(_count(s) and s > 0 for s in size)):
+        return f"size {size!r} is not [H, W]"
+    if not (isinstance(splits, dict) and all(_count(splits.get(s)) for s in SPLITS)):
+        return f"splits {splits!r} is not a count per split ({', '.join(SPLITS)})"
+    if not _count(meta["n"]) or not isinstance(meta["seed"], int):
+        return f"n {meta['n']!r} or seed {meta['seed']!r} is not an integer"
+    return None
 
 
 def _format(root: Path) -> Any:
@@ -316,13 +356,57 @@ def _load_split(root: Path, split: str, meta: dict[str, Any]) -> dict[str, np.nd
     except (OSError, ValueError, EOFError, KeyError, zipfile.BadZipFile, zlib.error) as e:
         raise DataError(f"cache file '{path}' is corrupt or truncated ({type(e).__name__}: "
                         f"{str(e)[:80]}); {hint}") from None
-    m = int(arrays["box_count"].sum()) if arrays["box_count"].shape == (n,) else -1
+    count = arrays["box_count"]
+    if count.dtype != np.int64:  # before summing it: a float count may be NaN
+        raise DataError(f"cache file '{path}': box_count has dtype {count.dtype}, expected "
+                        f"int64; {hint}")
+    m = int(count.sum()) if count.shape == (n,) else -1
     shapes |= {"box_count": (n,), "boxes": (m, 4), "box_class": (m,), "box_object": (m,)}
     for k, shape in shapes.items():
         if arrays[k].shape != shape:
             raise DataError(f"cache file '{path}': {k} has shape {arrays[k].shape}, expected "
                             f"{shape}; {hint}")
+    problem = _bad_values(arrays)
+    if problem:
+        raise DataError(f"cache file '{path}': {problem}; {hint}")
     return arrays
+
+
+def _bad_values(a: dict[str, np.ndarray]) -> str | None:
+    """What is wrong with a split's arrays (dtypes, label ranges, depth, boxes), or None."""
+    want = {"image": np.uint8, "semseg": np.uint8, "depth": np.float32, "normals": np.float32,
+            "classification": np.int64, "boxes": np.float32, "box_class": np.uint8,
+            "box_object": np.int32, "box_count": np.int64}
+    for k, dt in want.items():
+        if a[k].dtype != dt:
+            return f"{k} has dtype {a[k].dtype}, expected {np.dtype(dt).name}"
+    seg = a["semseg"]
+    bad = seg[(seg >= len(CLASSES)) & (seg != 255)]
+    if bad.size:
+        return f"semseg holds label {int(bad[0])}, outside [0, {len(CLASSES)}) and not 255"
+    cls = a["classification"]
+    bad = cls[(cls < 0) | (cls >= len(ROOM_TYPES))]
+    if bad.size:
+        return f"classification holds label {int(bad[0])}, outside [0, {len(ROOM_TYPES)})"
+    if not set(np.unique(a["edges"]).tolist()) <= {0, 1, 255}:
+        return "edges holds values other than 0, 1 and 255"
+    depth = a["depth"]
+    if depth.size and not (depth > 0).any():
+        return "depth has no positive value (every pixel would be missing: a depth loss of 0)"
+    if np.isinf(depth).any():
+        return "depth holds infinite values"
+    if not np.isfinite(a["normals"]).all():
+        return "normals hold NaN or infinite values"
+    return _bad_boxes(a)
+
+
+def _bad_boxes(a: dict[str, np.ndarray]) -> str | None:
+    """What is wrong with how a split's detection boxes are laid out, or None. Their values
+    (sizes, classes, coordinates) are the detection task's to check, per image and with every
+    problem listed, in ``mtlcv data check`` and in every batch (``Detection.check_target``)."""
+    if (a["box_count"] < 0).any():
+        return f"box_count holds {int(a['box_count'].min())}, a negative number of boxes"
+    return None
 
 
 # ----------------------------------------------------------------------------- the dataset
@@ -380,6 +464,9 @@ def scenes(split: str = "train", root: str | None = None, augment: bool = False,
         raise ConfigError(f"scenes: unknown split {split!r}; valid: {', '.join(SPLITS)}")
     h, w = _check(n, size, seed)
     folder = Path(root).expanduser() if root is not None else default_root(n, (h, w), seed)
+    if folder.exists() and not folder.is_dir():
+        raise DataError(f"data.root '{folder}' is a file; expected a scenes cache folder (or a "
+                        "folder to render one into)")
     if not (folder / "meta.json").is_file():
         print(f"scenes: no cache in {folder}; rendering {n} images at {h}x{w} (seed {seed}) once")
         write_cache(folder, n=n, size=(h, w), seed=seed, progress=True)

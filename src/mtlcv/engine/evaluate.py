@@ -60,22 +60,24 @@ def evaluate(
 
     ``progress``: a description (e.g. ``"val"``) shows a progress bar over the batches when
     stdout is a terminal; None shows nothing.
+
+    With several processes (engine/distributed.py) ``loader`` is this process's shard of the
+    split; the metrics' states are merged exactly across processes before computing (the
+    published protocol's batch means included, see :mod:`mtlcv.engine.protocol`).
     """
+    from .distributed import merge_metrics
     from .protocol import new_metric
 
     was_training = model.training
     model.eval()
     metrics = {name: new_metric(task, protocol) for name, task in tasks.items()}
-    checked = False
     bar = _progress_bar(progress, len(loader) if hasattr(loader, "__len__") else None)
     if bar is not None:
         bar.start()
     try:
         for batch in loader:
             batch = to_device(batch, device)
-            if not checked:
-                check_batch(batch, tasks)
-                checked = True
+            check_batch(batch, tasks)  # every batch: a bad label is one line, not a crash
             preds = model(batch["image"])
             for name in tasks:
                 metrics[name].update(preds[name], batch[name])
@@ -85,4 +87,4 @@ def evaluate(
         if bar is not None:
             bar.stop()
         model.train(was_training)
-    return {name: m.compute() for name, m in metrics.items()}
+    return merge_metrics(metrics)

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import itertools
 import json
+import re
 import statistics
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -25,7 +26,8 @@ from typing import Any
 
 from ..analysis import delta_m, main_metrics
 from ..config import ExperimentConfig, apply_overrides, from_dict, load, to_dict
-from ..errors import ConfigError
+from ..errors import ConfigError, MtlcvError
+from .runlock import RunLock
 
 
 @dataclass
@@ -49,22 +51,63 @@ def parse_vary(items: Sequence[str]) -> list[tuple[str, list[str]]]:
     return out
 
 
+def safe_label(value: str) -> str:
+    """A folder name for a varied value: path separators and other characters that are not
+    letters, digits, ``.``, ``_`` or ``-`` become ``_`` and leading dots are dropped, so that
+    ``--vary data.root=/data/a`` names ``data_a`` inside ``--out`` and never a path outside it."""
+    text = re.sub(r"[^A-Za-z0-9._-]+", "_", value).lstrip("._").rstrip("_")
+    return text or "_"
+
+
 def variants(vary: Sequence[tuple[str, list[str]]]) -> list[Variant]:
     """Every combination of the varied values, labelled by its values joined with '-'."""
     keys = [k for k, _ in vary]
     combos = itertools.product(*[vals for _, vals in vary]) if vary else [()]
-    return [Variant("-".join(c) or "base", [f"{k}={v}" for k, v in zip(keys, c)]) for c in combos]
+    out = [
+        Variant("-".join(safe_label(v) for v in c) or "base", [f"{k}={v}" for k, v in zip(keys, c)])
+        for c in combos
+    ]
+    seen: dict[str, Variant] = {}
+    for v in out:
+        if v.label in seen:
+            raise ConfigError(
+                f"--vary: {' '.join(seen[v.label].overrides)} and {' '.join(v.overrides)} would "
+                f"both be written to the folder {v.label!r}; use values that differ in letters "
+                "or digits"
+            )
+        seen[v.label] = v
+    return out
+
+
+def check_variant(cfg: ExperimentConfig, label: str) -> None:
+    """Build ``cfg``'s tasks, model and balancer (not its training): a wrong component name or
+    option stops ``compare`` before any run trains, naming the variant."""
+    from .experiment import build_balancer, build_dataset, build_model, build_tasks
+
+    try:
+        ds = build_dataset(cfg, "train")
+        build_model(cfg, build_tasks(cfg, ds))
+        build_balancer(cfg)
+    except MtlcvError as exc:
+        raise type(exc)(f"variant {label!r}: {exc}") from None
 
 
 def _finished(run: Path, cfg: ExperimentConfig) -> dict[str, Any] | None:
     res, saved = run / "results.json", run / "config.yaml"
     if not (res.is_file() and saved.is_file()):
         return None
-    if to_dict(load(saved)) != to_dict(cfg):
-        raise ConfigError(
-            f"{str(run)!r} holds a finished run with other settings; choose another --out"
-        )
-    return json.loads(res.read_text())
+    with RunLock(run, "mtlcv compare"):  # a run another process still writes is not reused
+        if to_dict(load(saved)) != to_dict(cfg):
+            raise ConfigError(
+                f"{str(run)!r} holds a finished run with other settings; choose another --out"
+            )
+        try:
+            return json.loads(res.read_text())
+        except (OSError, ValueError) as exc:
+            raise ConfigError(
+                f"{str(res)!r} is unreadable ({type(exc).__name__}); delete it to train the run "
+                "again"
+            ) from None
 
 
 def run_grid(
@@ -94,24 +137,49 @@ def run_grid(
         base_v = matches[0] if matches else Variant(baseline.split("=", 1)[1], [baseline])
         vs = [base_v] + [v for v in vs if v is not base_v]
     total = len(vs) * len(seeds)
-    k = 0
+    # every run's config, checked before the first one trains (a typo must not cost hours)
+    plan: list[tuple[Variant, int, ExperimentConfig, Path]] = []
+    checked: set[str] = set()
     for v in vs:
         for seed in seeds:
-            k += 1
             data = apply_overrides(base, [*v.overrides, f"seed={seed}"])
             data["name"] = f"{data.get('name', 'experiment')}-{v.label}-s{seed}"
             if base_v is not None and v is not base_v:
                 data["baselines"] = str(out / base_v.label / f"seed{seed}")
-            cfg = from_dict(data)
-            run = out / v.label / f"seed{seed}"
+            try:
+                cfg = from_dict(data)
+            except ConfigError as exc:
+                raise ConfigError(f"variant {v.label!r}: {exc}") from None
+            if v.label not in checked:
+                check_variant(cfg, v.label)
+                checked.add(v.label)
+            plan.append((v, seed, cfg, out / v.label / f"seed{seed}"))
+    with RunLock(_grid_dir(out), "mtlcv compare"):
+        for k, (v, seed, cfg, run) in enumerate(plan, 1):
             done = _finished(run, cfg)
             if done is not None:
                 log(f"[{k}/{total}] {v.label} seed {seed}: finished run reused ({run})")
                 v.runs[seed] = done
                 continue
             log(f"[{k}/{total}] {v.label} seed {seed} -> {run}")
-            v.runs[seed] = train(cfg, run, resume=(run / "last.pt").is_file(), log=log)
+            v.runs[seed] = train(
+                cfg, run, resume=(run / "last.pt").is_file(), log=log, command="mtlcv compare"
+            )
     return vs, base_v
+
+
+def _grid_dir(out: Path) -> Path:
+    """``out``, created; a one-line ConfigError when it cannot be."""
+    from .checkpoint import _reason
+
+    if out.exists() and not out.is_dir():
+        raise ConfigError(f"--out {str(out)!r} is a file, not a folder; choose another --out")
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise ConfigError(f"cannot create the grid directory {str(out)!r}: {_reason(exc)}") \
+            from None
+    return out
 
 
 def summarise(

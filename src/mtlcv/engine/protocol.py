@@ -49,32 +49,49 @@ Metrics = dict[str, dict[str, float]]
 class BatchMeanMetric(Metric):
     """The mean over evaluation batches of a task's metrics computed on each batch alone.
 
-    Each batch gets a fresh ``task.new_metric()``; its values are summed per metric and divided
-    by the number of batches where the metric is defined (a batch with no valid pixel gives NaN
-    and is left out). This is mtan's ``avg_cost[...] += cost / test_batch`` per metric.
+    Each batch gets a fresh ``task.new_metric()``; its values are kept per metric and their
+    mean taken over the batches where the metric is defined (a batch with no valid pixel gives
+    NaN and is left out). This is mtan's ``avg_cost[...] += cost / test_batch`` per metric.
+
+    Several processes (engine/distributed.py): each evaluates a contiguous run of whole batches
+    of the split (the batches one process would form), and :meth:`state` / :meth:`merge` carry
+    the per-batch values, concatenated in rank order, i.e. the split's batch order; the mean is
+    then summed in that order, so the numbers equal one process's bit for bit.
     """
 
     def __init__(self, task: Task) -> None:
         self.task = task
-        self.sums: dict[str, float] = {}
-        self.counts: dict[str, int] = {}
+        #: metric -> its finite per-batch values, in batch order
+        self.values: dict[str, list[float]] = {}
 
     @torch.no_grad()
     def update(self, pred: torch.Tensor, target: torch.Tensor) -> None:
         m = self.task.new_metric()
         m.update(pred, target)
         for k, v in m.compute().items():
-            self.sums.setdefault(k, 0.0)
-            self.counts.setdefault(k, 0)
+            kept = self.values.setdefault(k, [])
             if math.isfinite(v):
-                self.sums[k] += v
-                self.counts[k] += 1
+                kept.append(float(v))
 
     def compute(self) -> dict[str, float]:
-        keys = list(self.sums) or list(self.task.new_metric().compute())
-        return {
-            k: self.sums[k] / self.counts[k] if self.counts.get(k) else math.nan for k in keys
-        }
+        keys = list(self.values) or list(self.task.new_metric().compute())
+        out = {}
+        for k in keys:
+            vals = self.values.get(k, [])
+            total = 0.0
+            for v in vals:  # in batch order, as the official loop accumulates
+                total += v
+            out[k] = total / len(vals) if vals else math.nan
+        return out
+
+    def state(self) -> dict[str, Any]:
+        """The per-batch values so far (plain floats)."""
+        return {"values": {k: list(v) for k, v in self.values.items()}}
+
+    def merge(self, state: dict[str, Any]) -> None:
+        """Append another shard's per-batch values (its batches follow this one's)."""
+        for k, vals in state["values"].items():
+            self.values.setdefault(k, []).extend(vals)
 
 
 def new_metric(task: Task, protocol: str = EXACT) -> Metric:

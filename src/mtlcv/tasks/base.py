@@ -45,6 +45,7 @@ from __future__ import annotations
 
 import math
 from abc import ABC, abstractmethod
+from typing import Any
 
 import torch
 
@@ -52,13 +53,33 @@ from ..errors import DataError
 
 
 class Metric(ABC):
-    """A streaming metric: ``update`` on every batch, ``compute`` once at the end of the split."""
+    """A streaming metric: ``update`` on every batch, ``compute`` once at the end of the split.
+
+    Its state is what ``update`` accumulates. When several processes each score a shard of the
+    split (``engine/distributed.py``), their states are merged exactly before ``compute``: by
+    default every tensor attribute is a sum (confusion matrix, counts, float64 sums) and every
+    list attribute a concatenation (the normals' angles for the exact median). A metric whose
+    state is anything else overrides :meth:`state` and :meth:`merge`.
+    """
 
     @abstractmethod
     def update(self, pred: torch.Tensor, target: torch.Tensor) -> None: ...
 
     @abstractmethod
     def compute(self) -> dict[str, float]: ...
+
+    def state(self) -> dict[str, Any]:
+        """The accumulated state (picklable): tensor and list attributes."""
+        return {k: v for k, v in vars(self).items() if isinstance(v, (torch.Tensor, list))}
+
+    def merge(self, state: dict[str, Any]) -> None:
+        """Add another shard's :meth:`state` to this one (sums add, lists concatenate)."""
+        for k, v in state.items():
+            mine = getattr(self, k)
+            if isinstance(mine, torch.Tensor):
+                setattr(self, k, mine + v.to(mine.device))
+            else:
+                mine.extend(v)
 
 
 class Task(ABC):
@@ -85,6 +106,20 @@ class Task(ABC):
 
     @abstractmethod
     def loss(self, pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor: ...
+
+    def loss_count(
+        self, target: torch.Tensor, pred: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """How many elements :meth:`loss` averages over for ``target`` (its denominator).
+
+        Several processes each holding part of a batch combine their losses into the loss of the
+        whole batch as ``sum_r n_r L_r / sum_r n_r`` with these counts (engine/distributed.py).
+        Default: the batch size; tasks with missing values count the valid elements. ``pred``
+        is the prediction the loss was computed from (the trainer passes it), for a task whose
+        denominator depends on it (detection counts its positive locations at the
+        prediction's resolution).
+        """
+        return torch.tensor(float(target.shape[0]))
 
     @abstractmethod
     def new_metric(self) -> Metric: ...

@@ -72,6 +72,11 @@ class Depth(Task):
         target = torch.where(valid, target, pred.detach())
         return masked_mean((pred - target).abs(), valid)
 
+    def loss_count(
+        self, target: torch.Tensor, pred: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        return (target > 0).sum().float()
+
     def new_metric(self) -> DepthMetric:
         return DepthMetric(self)
 

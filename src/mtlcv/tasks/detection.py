@@ -71,6 +71,7 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import torch
@@ -331,6 +332,18 @@ class DetectionMetric(Metric):
         return coco_map(self.detections, self.ground_truth, self.task.num_classes,
                         self.task.max_detections)
 
+    def state(self) -> dict[str, Any]:
+        """Every image's detections and ground truth so far (NumPy arrays, picklable)."""
+        return {"detections": list(self.detections), "ground_truth": list(self.ground_truth)}
+
+    def merge(self, state: dict[str, Any]) -> None:
+        """Append another shard's images after this one's. Several processes evaluate
+        contiguous runs of the split, merged in rank order (engine/distributed.py), so the
+        images keep the split's order and COCO's stable sort by score breaks ties between
+        images exactly as one process does: the same mAP."""
+        self.detections.extend(state["detections"])
+        self.ground_truth.extend(state["ground_truth"])
+
 
 # ----------------------------------------------------------------------------- the task
 
@@ -444,6 +457,27 @@ class Detection(Task):
         ctr_loss = F.binary_cross_entropy_with_logits(ctr, centerness, reduction="none")
         ctr_loss = (ctr_loss * mask).sum() / n_pos.clamp(min=1)
         return cls_loss + reg_loss + ctr_loss
+
+    def loss_count(
+        self, target: torch.Tensor, pred: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """The positive locations of the batch at ``pred``'s resolution, at least 1: what
+        :meth:`loss` divides its classification and centerness terms by (``n_pos.clamp(min=1)``).
+
+        Several processes combine their losses weighted by these counts
+        (engine/distributed.py): the focal and centerness terms of the global batch are then
+        exact whenever every process holds a positive location; a process without one counts
+        1, so its negatives still train (as they do in its own loss). The IoU term is divided
+        by the sum of the positives' centerness instead, so it is combined by positive count
+        too: close, not exact. Without ``pred`` the image size is taken as the boxes' extent.
+        """
+        if pred is not None:
+            h, w = pred.shape[-2:]
+        else:
+            extent = target[..., 2:4].amax() if target.numel() else torch.zeros(())
+            h = w = max(1, int(math.ceil(float(extent))))
+        _, _, pos = self.assign(target, int(h), int(w))
+        return pos.sum().clamp(min=1).float()
 
     # -------------------------------------------------------------- decoding
     @torch.no_grad()

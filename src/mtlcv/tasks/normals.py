@@ -123,6 +123,11 @@ class Normals(Task):
         cos = (F.normalize(pred, dim=1) * F.normalize(target, dim=1)).sum(1)
         return masked_mean(1.0 - cos, target.norm(dim=1) > 0)
 
+    def loss_count(
+        self, target: torch.Tensor, pred: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        return (target.norm(dim=1) > 0).sum().float()
+
     def new_metric(self) -> AngleMetric:
         return AngleMetric(self)
 

@@ -86,6 +86,11 @@ class Segmentation(Task):
         )
         return total / (target != self.ignore_index).sum().clamp(min=1)
 
+    def loss_count(
+        self, target: torch.Tensor, pred: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        return (target != self.ignore_index).sum().float()
+
     def new_metric(self) -> ConfusionMetric:
         return ConfusionMetric(self)
 

@@ -49,6 +49,8 @@ def _hw(a: np.ndarray, where: Any, channels: int | None, what: str) -> np.ndarra
         raise DataError(f"{where}: {what} has shape {a.shape}, expected {want}")
     if a.dtype.kind not in "fiub":
         raise DataError(f"{where}: {what} has dtype {a.dtype}, expected a numeric array")
+    if 0 in a.shape[:2]:
+        raise DataError(f"{where}: {what} has shape {a.shape}, an empty image")
     return a
 
 
