@@ -3,8 +3,8 @@
 Besides forward/backward on every task set, each architecture is pinned to its paper by a
 property that fails for a wrong implementation: cross-stitch with identity units *is* the
 single-task networks, MTAN with masks of ones *is* hard sharing, SPS with no penalty *is* STL and
-its penalty is the published distance, every deep-supervision loss reaches the backbone, and the
-SegNet-MTAN has the paper's 44.23 M parameters.
+its penalty is the published distance, every deep-supervision loss reaches the backbone, and
+the SegNets have the official parameter counts layer for layer.
 """
 
 from __future__ import annotations
@@ -65,10 +65,10 @@ def total_loss(model, tasks, out, batch) -> torch.Tensor:
     return loss
 
 
-def build(arch, names, backbone=TINY, seed=0, **options):
+def build(arch, names, backbone=TINY, seed=0, head=HEAD, **options):
     torch.manual_seed(seed)
     tasks = make_tasks(names)
-    return build_model(arch, tasks, backbone, HEAD, options), tasks
+    return build_model(arch, tasks, backbone, head, options), tasks
 
 
 @pytest.fixture(autouse=True)
@@ -128,8 +128,11 @@ def test_resnet_and_segnet_backbones(arch, backbone):
 
 
 def test_cross_stitch_initialisation_and_mixing():
+    # the reference initialisation (Misra et al.; the survey code): 0.9 / 0.1 as given, for any T
     unit = CrossStitchUnit(3, 4, "scalar", 0.9, 0.1)
     want = np.full((3, 3), 0.1) + np.eye(3) * 0.8
+    np.testing.assert_allclose(unit.alpha.detach().numpy(), want, rtol=1e-6)
+    unit = CrossStitchUnit(3, 4, "scalar", 0.9, 0.1, normalize_init=True)
     np.testing.assert_allclose(unit.alpha.detach().numpy(), want / want.sum(1, keepdims=True))
     two = CrossStitchUnit(2, 4, "channel", 0.9, 0.1)
     np.testing.assert_allclose(two.alpha.detach()[:, :, 2].numpy(), [[0.9, 0.1], [0.1, 0.9]])
@@ -140,6 +143,31 @@ def test_cross_stitch_initialisation_and_mixing():
     want = np.einsum("ijc,jbchw->ibchw", a, x)
     for i, got in enumerate(two(xs)):
         np.testing.assert_allclose(got.detach().numpy(), want[i], rtol=1e-5, atol=1e-6)
+
+
+def test_cross_stitch_units_train_at_their_own_learning_rate():
+    """Misra et al. scale the units' learning rate by 10^2-10^3, the survey code by 100: the
+    units form their own optimizer group at lr_scale x optim.lr (StepLR keeps the ratio)."""
+    from mtlcv.balancing import create
+    from mtlcv.config import from_dict
+    from mtlcv.engine.experiment import build_optimizer, build_scheduler, optimizer_groups
+
+    model, _ = build("cross_stitch", ("semseg", "depth"))
+    cfg = from_dict({"optim": {"name": "sgd", "lr": 0.01, "weight_decay": 1e-4},
+                     "schedule": {"name": "step", "step_size": 1, "gamma": 0.5}})
+    opt = build_optimizer(cfg, optimizer_groups(model, create("fixed", num_tasks=2)))
+    units = {id(p) for p in model.stitch.parameters()}
+    assert [g["lr"] for g in opt.param_groups] == [0.01, 1.0]
+    assert {id(p) for p in opt.param_groups[1]["params"]} == units
+    assert sum(len(g["params"]) for g in opt.param_groups) == len(list(model.parameters()))
+    sched = build_scheduler(cfg, opt)
+    opt.step()
+    sched.step()
+    assert [g["lr"] for g in opt.param_groups] == pytest.approx([0.005, 0.5])
+    model, _ = build("cross_stitch", ("semseg", "depth"), lr_scale=1)
+    assert [g.get("lr_scale", 1) for g in model.parameter_groups()] == [1, 1]
+    with pytest.raises(ConfigError, match="lr_scale"):
+        build("cross_stitch", ("semseg", "depth"), lr_scale=0)
 
 
 @pytest.mark.parametrize("mode", ["scalar", "channel"])
@@ -221,42 +249,130 @@ def test_mtan_masks_are_soft_attention():
         h.remove()
 
 
+def test_mtan_attention_params_option_decides_what_balancers_share_and_clip():
+    """``attention_params: shared`` (Nash-MTL's / FAMO's code): the masks join the shared
+    parameters, so Nash-MTL's clip bounds backbone + carry + masks together and every mask gets
+    the aggregated update; ``task`` (CAGrad's code, the default): each mask is its task's own
+    parameter, outside the clip."""
+    from mtlcv import balancing
+    from mtlcv.balancing.jacobian import split_parameters
+
+    names = ("semseg", "depth")
+    x = torch.rand(2, 3, 16, 16)
+    grads = {}
+    for mode in ("task", "shared"):
+        model, tasks = build("mtan", names, seed=4, attention_params=mode)
+        shared, own = split_parameters(model)
+        masks = {id(p) for p in model.attention.parameters()}
+        assert (masks <= {id(p) for p in shared}) == (mode == "shared")
+        first_masks = {id(p) for p in model.attention[names[0]].parameters()}
+        assert (first_masks <= {id(p) for p in own[0]}) == (mode == "task")
+        out = model(x)
+        losses = torch.stack([out[t].square().mean() + 1.0 for t in names])
+        balancing.create("nashmtl", num_tasks=2, max_norm=1e-3).backward(losses, model)
+        sq = sum(float(p.grad.double().square().sum()) for p in shared if p.grad is not None)
+        assert sq ** 0.5 == pytest.approx(1e-3, rel=1e-4)  # the clip covers exactly `shared`
+        grads[mode] = torch.cat([p.grad.flatten() for p in model.attention.parameters()])
+    # unclipped (task) mask gradients are far larger than the clipped (shared) ones
+    assert grads["shared"].norm() <= 1e-3 * (1 + 1e-4) < grads["task"].norm()
+    with pytest.raises(ConfigError, match="attention_params"):
+        build("mtan", names, attention_params="heads")
+
+
+def _conv(cin, cout, k=3):  # conv with bias
+    return cin * cout * k * k + cout
+
+
+def _layer(cin, cout):  # mtan's conv_layer: conv3x3 + BN
+    return _conv(cin, cout) + 2 * cout
+
+
+def _pred(c):  # mtan's conv_layer(pred=True): conv3x3 (64 -> 64) + conv1x1 (64 -> c)
+    return _conv(64, 64) + _conv(64, c, 1)
+
+
+def segnet_official_count() -> int:
+    """Parameters of lorenmt/mtan's SegNet trunk (``encoder_block``, ``decoder_block``,
+    ``conv_block_enc``, ``conv_block_dec`` of ``model_segnet_single.py``), from its layer list."""
+    f = [64, 128, 256, 512, 512]
+    n = _layer(3, f[0]) + _layer(f[0], f[0]) + 2 * _layer(f[0], f[0])  # encoder/decoder block 0
+    for i in range(4):
+        n += _layer(f[i], f[i + 1]) + _layer(f[i + 1], f[i])
+        n += (1 if i == 0 else 2) * (_layer(f[i + 1], f[i + 1]) + _layer(f[i], f[i]))
+    return n
+
+
 def segnet_mtan_official_count(outputs=(13, 1, 3)) -> int:
-    """Parameters of lorenmt/mtan's ``model_segnet_mtan.SegNet`` from its layer list, by hand."""
+    """Parameters of the official SegNet-MTAN (``model_segnet_mtan.SegNet``) from its layer list:
+    the trunk, the shared ``encoder_block_att``/``decoder_block_att`` blocks, per task the
+    ``encoder_att``/``decoder_att`` masks, and the prediction layers. Without mtan's 3-element
+    ``logsigma`` (the uncertainty-weighting parameters, which mtlcv keeps in its balancer)."""
     f = [64, 128, 256, 512, 512]
 
-    def conv(cin, cout, k=3):  # conv with bias (+ BN when bn)
-        return cin * cout * k * k + cout
-
-    def layer(cin, cout):  # conv_layer: conv3x3 + BN
-        return conv(cin, cout) + 2 * cout
-
     def att(cin, mid, cout):  # att_layer: conv1x1 + BN + conv1x1 + BN
-        return conv(cin, mid, 1) + 2 * mid + conv(mid, cout, 1) + 2 * cout
+        return _conv(cin, mid, 1) + 2 * mid + _conv(mid, cout, 1) + 2 * cout
 
-    n = layer(3, f[0]) + layer(f[0], f[0]) + 2 * layer(f[0], f[0])  # encoder/decoder block 0
-    for i in range(4):
-        n += layer(f[i], f[i + 1]) + layer(f[i + 1], f[i])
-        n += (1 if i == 0 else 2) * (layer(f[i + 1], f[i + 1]) + layer(f[i], f[i]))
+    n = segnet_official_count()
     per_task = att(f[0], f[0], f[0]) + att(2 * f[0], f[0], f[0])
     per_task += sum(att(2 * f[i + 1], f[i + 1], f[i + 1]) + att(f[i + 1] + f[i], f[i], f[i])
                     for i in range(4))
     n += len(outputs) * per_task
-    n += layer(f[0], f[1]) + layer(f[0], f[0])
-    n += sum(layer(f[i + 1], f[i + 2]) + layer(f[i + 1], f[i]) for i in range(3))
-    n += 2 * layer(f[4], f[4])
-    return n + sum(conv(f[0], f[0]) + conv(f[0], c, 1) for c in outputs)
+    n += _layer(f[0], f[1]) + _layer(f[0], f[0])
+    n += sum(_layer(f[i + 1], f[i + 2]) + _layer(f[i + 1], f[i]) for i in range(3))
+    n += 2 * _layer(f[4], f[4])
+    return n + sum(_pred(c) for c in outputs)
 
 
-def test_segnet_mtan_has_the_papers_parameter_count():
-    # the paper: 1.77 x the 24,981,069 parameters of one SegNet, i.e. 44.23 M for 3 tasks
+def test_segnets_have_the_official_parameter_counts():
+    """Layer for layer with lorenmt/mtan's NYUv2 models, with the ``mtan`` head. The official
+    scripts print ``count_parameters`` (every trainable parameter); mtan's and CAGrad's
+    multi-task files also declare ``logsigma`` (3 parameters, used only by uncertainty weighting;
+    mtlcv's ``uncertainty`` balancer holds them), Nash-MTL's and FAMO's ``SegNetMtan`` does not.
+    Instantiating the official classes gives: SegNet-MTAN 44,229,073 (Nash-MTL/FAMO) and
+    44,229,076 (mtan/CAGrad, + logsigma); split ("standard") 25,055,188 (+ logsigma); single-task
+    SegNet 24,981,069 (semantic, the paper's reference), 24,980,289 (depth), 24,980,419
+    (normal). The layer lists below reproduce them by hand."""
     official = segnet_mtan_official_count()
-    assert round(official / 24_981_069, 2) == 1.77 and round(official / 1e6, 2) == 44.23
-    mtan, _ = build("mtan", ("semseg", "depth", "normals"), {"name": "segnet"})
-    # our light head has BN in place of the 3x3 conv's bias: +64 parameters per task
-    assert count_parameters(mtan) == official + 3 * 64
-    stl, _ = build("stl", ("semseg",), {"name": "segnet"})
-    assert count_parameters(stl) == 24_981_069 + 64
+    assert official == 44_229_073  # Nash-MTL's / FAMO's SegNetMtan
+    assert round(official / 24_981_069, 2) == 1.77  # the MTAN paper: 1.77 x one SegNet
+    tasks3 = ("semseg", "depth", "normals")
+    mtan, _ = build("mtan", tasks3, {"name": "segnet"}, head={"name": "mtan"})
+    assert count_parameters(mtan) == official
+    single = {"semseg": 13, "depth": 1, "normals": 3}
+    want = {"semseg": 24_981_069, "depth": 24_980_289, "normals": 24_980_419}
+    for t, c in single.items():
+        assert segnet_official_count() + _pred(c) == want[t]
+        stl, _ = build("stl", (t,), {"name": "segnet"}, head={"name": "mtan"})
+        assert count_parameters(stl) == want[t], t
+    stl, _ = build("stl", tasks3, {"name": "segnet"}, head={"name": "mtan"})
+    assert count_parameters(stl) == sum(want.values())
+    split = segnet_official_count() + sum(_pred(c) for c in single.values())
+    assert split + 3 == 25_055_188  # mtan's model_segnet_split.py ("standard") with logsigma
+    hps, _ = build("hps", tasks3, {"name": "segnet"}, head={"name": "mtan"})
+    assert count_parameters(hps) == split
+
+
+def test_mtan_head_and_segnet_input_are_mtans():
+    from mtlcv.models.build import build_backbone
+    from mtlcv.registry import HEADS
+
+    head = HEADS.create("mtan", in_channels=8, out_channels=3)
+    assert [type(m) for m in head] == [torch.nn.Conv2d, torch.nn.Conv2d]  # no BN, no ReLU
+    assert head[0].kernel_size == (3, 3) and head[1].kernel_size == (1, 1)
+    assert all(not m.bias.detach().any() for m in head)
+    x = torch.rand(1, 3, 32, 32)
+    # mtan feeds [0, 1] images to its SegNet: no ImageNet standardisation unless asked for
+    plain = build_backbone({"name": "segnet", "width": 4})
+    std = build_backbone({"name": "segnet", "width": 4, "standardize": True})
+    std.load_state_dict(plain.state_dict())
+    plain.eval(), std.eval()
+    first = plain.forward_stage(x, 0)
+    torch.testing.assert_close(first, plain.stages[0](x))
+    from mtlcv.models.base import IMAGENET_MEAN, IMAGENET_STD
+
+    mean = torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1)
+    sd = torch.tensor(IMAGENET_STD).view(1, 3, 1, 1)
+    torch.testing.assert_close(std.forward_stage(x, 0), plain.stages[0]((x - mean) / sd))
 
 
 # ---------------------------------------------------------------- soft parameter sharing
@@ -437,7 +553,8 @@ def test_bad_options_are_config_errors(arch, options, match):
 
 CONFIG_FILES = ["scenes/sps.yaml", "scenes/cross_stitch.yaml", "scenes/mtan.yaml",
                 "scenes/padnet.yaml", "scenes/mti_net.yaml", "nyuv2/segnet_mtan.yaml",
-                "nyuv2/hps_vs_sps_segnet.yaml"]
+                "nyuv2/hps_vs_sps_segnet.yaml", "scenes/detection.yaml",
+                "scenes/lenet_objects.yaml"]
 
 
 @pytest.mark.parametrize("name", CONFIG_FILES)

@@ -20,7 +20,7 @@ GRADIENT_METHODS = [
     "mgda-ub", "nashmtl", "pcgrad", "upgrad",
 ]
 ALL_METHODS = sorted(GRADIENT_METHODS + [
-    "dtp", "dwa", "famo", "fixed", "gradnorm", "imtl-l", "rlw", "uncertainty",
+    "dtp", "dwa", "famo", "fixed", "gradnorm", "imtl-l", "rlw", "si", "uncertainty",
 ])
 
 
@@ -173,26 +173,55 @@ def test_cagrad_solves_its_dual_and_builds_the_official_update(T, n):
         np.testing.assert_allclose(d, expect, rtol=1e-7, atol=1e-9)
 
 
+def test_cagrad_sum_scale_is_the_official_codes_times_T():
+    """Cranial-XIX/CAGrad nyuv2/utils.py overwrite_grad: ``newgrad * 3  # to match the sum
+    loss``: the published runs' shared update is T times Algorithm 1's d/(1+c^2)."""
+    G = rand_matrices(3, 1, seed=5)[0]
+    d = balancing.create("cagrad", num_tasks=3).aggregate(G)
+    d3 = balancing.create("cagrad", num_tasks=3, sum_scale=True).aggregate(G)
+    np.testing.assert_allclose(d3.numpy(), 3 * d.numpy(), rtol=1e-12)
+    with pytest.raises(ConfigError, match="sum_scale"):
+        balancing.create("cagrad", num_tasks=3, sum_scale="yes")
+
+
 # ---------------------------------------------------------------- Nash-MTL
 @pytest.mark.parametrize("T", [2, 3, 5])
 def test_nashmtl_alpha_solves_the_bargaining_condition(T):
-    for normalize in (False, True):
-        b = balancing.create("nashmtl", num_tasks=T, normalize=normalize)
-        for G in rand_matrices(T, 10, P=T + 4, seed=20 + T):
-            d = b.aggregate(G)
-            a = b.last_weights.numpy()
-            M = (G @ G.T).numpy()
-            if normalize:
-                M = M / np.linalg.norm(M)
-            assert (a > 0).all()
-            np.testing.assert_allclose(M @ a, 1 / a, rtol=1e-6)
-            np.testing.assert_allclose(d.numpy(), a @ G.numpy(), rtol=1e-12)
+    b = balancing.create("nashmtl", num_tasks=T)
+    for G in rand_matrices(T, 10, P=T + 4, seed=20 + T):
+        d = b.aggregate(G)
+        a = b.last_weights.numpy()
+        M = (G @ G.T).numpy()
+        assert (a > 0).all()
+        np.testing.assert_allclose(M @ a, 1 / a, rtol=1e-6)
+        np.testing.assert_allclose(d.numpy(), a @ G.numpy(), rtol=1e-12)
     # the exact solution's update has squared norm T and utilities 1/alpha > 0 for every task
-    b = balancing.create("nashmtl", num_tasks=T, normalize=False)
     G = rand_matrices(T, 1, P=T + 4, seed=1)[0] * 100
     d = b.aggregate(G)
     assert float(d @ d) == pytest.approx(T, rel=1e-6)
     assert (G @ d > 0).all()
+
+
+def test_nashmtl_default_is_the_official_exact_solution_on_conflicting_gradients():
+    """The official code's alpha solves alpha_i (G G^T alpha)_i = 1 on the UNnormalised Gramian
+    (its constraint -log(alpha_i n) - log((G G^T / n alpha)_i) <= 0), so before clipping the
+    shared update has squared norm alpha^T G G^T alpha = T, whatever the gradients' scale. The
+    old default (alpha of the Frobenius-normalised Gramian used as is) gave sqrt(n) times that
+    and, on such conflicting pairs, sometimes a different direction (no convergence)."""
+    g = torch.Generator().manual_seed(8)
+    b = balancing.create("nashmtl", num_tasks=2)  # defaults, warm-started from call to call
+    for k in range(40):
+        G = torch.randn(2, 50, generator=g, dtype=torch.float64)
+        G[1] = -0.6 * G[0] + 0.5 * torch.randn(50, generator=g, dtype=torch.float64)
+        G = G * 10.0 ** (k % 5 - 2)  # gradients of very different scales
+        d = b.aggregate(G)
+        a = b.last_weights.numpy()
+        M = (G @ G.T).numpy()
+        np.testing.assert_allclose(a * (M @ a), 1.0, rtol=1e-6)
+        assert float(d @ d) == pytest.approx(2.0, rel=1e-6)
+        assert (G @ d > 0).all()  # every task improves
+    with pytest.raises(ConfigError, match="normalize"):  # the non-official variant is gone
+        balancing.create("nashmtl", num_tasks=2, normalize=True)
 
 
 def test_nash_solver_warm_start_and_update_every():
@@ -246,6 +275,15 @@ def test_upgrad_is_the_mean_without_conflicts_and_projects_exactly():
     p1 = np.array([1.0, 0.0]) - (np.array([1.0, 0.0]) @ [-1, 1]) / 2 * np.array([-1.0, 1.0])
     p2 = np.array([-1.0, 1.0]) - (np.array([-1.0, 1.0]) @ [1, 0]) * np.array([1.0, 0.0])
     np.testing.assert_allclose(d, (p1 + p2) / 2, atol=1e-10)
+
+
+def test_upgrad_below_norm_eps_returns_the_mean_gradient_as_torchjd():
+    # conflicting but tiny gradients (trace of G G^T below norm_eps = 1e-4): torchjd replaces the
+    # Gramian by zeros, the projections keep the preference 1/T, and the update is the mean
+    G = 1e-3 * torch.tensor([[1.0, 0.0], [-1.0, 0.5]], dtype=torch.float64)
+    b = balancing.create("upgrad", num_tasks=2)
+    np.testing.assert_allclose(b.aggregate(G).numpy(), G.mean(0).numpy(), rtol=1e-12)
+    np.testing.assert_allclose(b.last_weights.numpy(), [0.5, 0.5], rtol=1e-12)
 
 
 def test_nonneg_qp_kkt():
@@ -338,14 +376,17 @@ def test_gradvac_reaches_target_similarity_and_updates_ema():
 
 
 # ---------------------------------------------------------------- DB-MTL
-def test_dbmtl_matches_its_recurrence():
-    b = balancing.create("dbmtl", num_tasks=3)
+@pytest.mark.parametrize("sigma", [None, 0.5])
+def test_dbmtl_matches_its_recurrence(sigma):
+    # default: the authors' LibMTL (DB_beta 0.9, DB_beta_sigma 0, i.e. a constant beta)
+    opts = {} if sigma is None else {"beta_sigma": sigma}
+    b = balancing.create("dbmtl", num_tasks=3, **opts)
     Gs = rand_matrices(3, 4, seed=60)
     ema = np.zeros((3, 7))
     for k, G in enumerate(Gs, start=1):
         d = b.aggregate(G).numpy()
         g = G.numpy()
-        ema = g + 0.9 / k**0.5 * (ema - g)
+        ema = g + 0.9 / k ** (sigma or 0.0) * (ema - g)
         n = np.linalg.norm(ema, axis=1)
         alpha = n.max() / (n + 1e-8)
         np.testing.assert_allclose(d, alpha @ ema, rtol=1e-10)
@@ -400,6 +441,48 @@ def test_uncertainty_optimum_is_the_log_loss(form, optimum):
     np.testing.assert_allclose(b.log_var.detach().numpy(), optimum(L.numpy()), atol=1e-3)
 
 
+def test_uncertainty_starts_like_mtan_and_is_never_weight_decayed():
+    from mtlcv.config import from_dict
+    from mtlcv.engine.experiment import build_optimizer, optimizer_groups
+
+    b = balancing.create("uncertainty", num_tasks=3)
+    # mtan's logsigma = [-0.5, -0.5, -0.5] (and LibMTL's UW): weights 0.5 exp(0.5)
+    np.testing.assert_allclose(b.log_var.detach().numpy(), [-0.5] * 3)
+    np.testing.assert_allclose(b.weights(torch.ones(3)).detach().numpy(), 0.5 * np.exp(0.5),
+                               rtol=1e-6)
+    model = torch.nn.Linear(2, 2)
+    cfg = from_dict({"optim": {"name": "adam", "lr": 1e-4, "weight_decay": 1e-5}})
+    opt = build_optimizer(cfg, optimizer_groups(model, b))
+    (mg, bg) = opt.param_groups
+    assert (mg["lr"], mg["weight_decay"]) == (1e-4, 1e-5)
+    assert (bg["lr"], bg["weight_decay"]) == (1e-4, 0.0) and bg["params"] == [b.log_var]
+    # Nash-MTL's / FAMO's code: s_t from 0, trained at --method-params-lr 0.025
+    b = balancing.create("uncertainty", num_tasks=3, init=0.0, lr=0.025)
+    assert not b.log_var.detach().any()
+    bg = build_optimizer(cfg, optimizer_groups(model, b)).param_groups[1]
+    assert (bg["lr"], bg["weight_decay"]) == (0.025, 0.0)
+
+
+def test_si_is_invariant_to_the_scale_of_each_loss():
+    """Nash-MTL's SI baseline minimises sum_t log L_t: multiplying one task's loss by a constant
+    leaves every gradient unchanged."""
+    torch.manual_seed(0)
+    w = torch.randn(5, requires_grad=True)
+    x = torch.randn(3, 5)
+
+    def grads(scales):
+        w.grad = None
+        losses = torch.stack([(x[t] @ w).square() + 0.1 for t in range(3)]) * scales
+        balancing.create("si", num_tasks=3).backward(losses)
+        return w.grad.clone()
+
+    g = grads(torch.ones(3))
+    torch.testing.assert_close(grads(torch.tensor([100.0, 0.01, 3.0])), g)
+    L = torch.stack([(x[t] @ w).square() + 0.1 for t in range(3)])
+    want = torch.autograd.grad(torch.log(L).sum(), w)[0]
+    torch.testing.assert_close(g, want)
+
+
 def test_imtl_l_scaled_losses_go_to_one():
     b = balancing.create("imtl-l", num_tasks=2)
     L = torch.tensor([0.2, 5.0])
@@ -424,14 +507,28 @@ def test_rlw_weights_sum_to_one_and_change(dist):
 
 def test_famo_shifts_weight_to_the_slowest_task_with_adam():
     b = balancing.create("famo", num_tasks=3)
+    # published NYUv2 settings: gamma 0.001 (run.sh), logit lr 0.025, no clip (the official
+    # clip runs before backward), logits updated from the SAME batch's losses after the step
+    assert (b.gamma, b.lr, b.max_norm) == (0.001, 0.025, 0.0)
+    assert b.needs == {"losses_after_step"}
     w0 = b.weights(torch.tensor([1.0, 1.0, 1.0]))
     np.testing.assert_allclose(w0.numpy(), [1 / 3] * 3, rtol=1e-6)
-    b.weights(torch.tensor([0.5, 0.9, 0.6]))  # task 1 decreased slowest
+    # weights() alone never moves the logits: the update waits for the losses after the step
+    b.weights(torch.tensor([1.0, 1.0, 1.0]))
+    np.testing.assert_array_equal(b.logits.numpy(), [0.0, 0.0, 0.0])
+    calls = []
+
+    def after():
+        calls.append(1)
+        return torch.tensor([0.5, 0.9, 0.6])  # task 1 decreased slowest
+
+    b.after_step({"losses_after_step": after})
+    assert calls == [1]
     z = b.z()
     assert int(z.argmax()) == 1 and int(z.argmin()) == 0
-    # the logit step is torch's Adam(lr=0.025, weight_decay=0.01) on J_softmax^T delta
+    # the logit step is torch's Adam(lr=0.025, weight_decay=0.001) on J_softmax^T delta
     xi = torch.zeros(3, dtype=torch.float64, requires_grad=True)
-    opt = torch.optim.Adam([xi], lr=0.025, weight_decay=0.01)
+    opt = torch.optim.Adam([xi], lr=0.025, weight_decay=0.001)
     delta = torch.log(torch.tensor([1.0, 1.0, 1.0], dtype=torch.float64) + 1e-8) - torch.log(
         torch.tensor([0.5, 0.9, 0.6], dtype=torch.float64) + 1e-8)
     (xi.grad,) = torch.autograd.grad(torch.softmax(xi, 0), xi, delta)
@@ -443,6 +540,16 @@ def test_famo_shifts_weight_to_the_slowest_task_with_adam():
     z = b.z()
     np.testing.assert_allclose(w.numpy(), (z / L.double() / (z / L.double()).sum()).numpy(),
                                rtol=1e-6)
+
+
+def test_famo_next_batch_variant_updates_from_the_next_steps_losses():
+    b = balancing.create("famo", num_tasks=3, losses_after="next_batch")
+    assert b.needs == frozenset()
+    b.weights(torch.tensor([1.0, 1.0, 1.0]))
+    b.weights(torch.tensor([0.5, 0.9, 0.6]))  # plays the losses after the first step
+    assert int(b.z().argmax()) == 1
+    with pytest.raises(ConfigError, match="losses_after"):
+        balancing.create("famo", num_tasks=3, losses_after="held_out")
 
 
 def test_weights_of_gradient_methods_reproduce_update():

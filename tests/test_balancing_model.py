@@ -18,7 +18,9 @@ GRADIENT_METHODS = [
     "aligned-mtl", "cagrad", "dbmtl", "graddrop", "gradvac", "imtl", "imtl-g", "mgda",
     "mgda-ub", "nashmtl", "pcgrad", "upgrad",
 ]
-WEIGHTING_METHODS = ["dtp", "dwa", "famo", "fixed", "gradnorm", "imtl-l", "rlw", "uncertainty"]
+WEIGHTING_METHODS = [
+    "dtp", "dwa", "famo", "fixed", "gradnorm", "imtl-l", "rlw", "si", "uncertainty",
+]
 
 
 class TinyHPS(nn.Module):
@@ -269,6 +271,33 @@ def test_every_method_leaves_finite_grads_on_every_parameter(name):
             assert p.grad is not None and torch.isfinite(p.grad).all()
 
 
+def test_nashmtl_shared_update_has_squared_norm_T_before_clipping():
+    """The official Nash-MTL update: sum_t alpha_t grad L_t with alpha_i (G G^T alpha)_i = 1, so
+    on the shared parameters ||d||^2 = alpha^T G G^T alpha = T before the clip; the heads get
+    alpha_t times their own gradient (the official code backpropagates sum alpha_t L_t)."""
+    torch.manual_seed(0)
+    model = TinyHPS()
+    x, targets = make_batch()
+    losses = losses_of(model, x, targets)
+    G = torch.stack([flat_grad(l, model.trunk.parameters()) for l in losses])
+    heads = [flat_grad(losses[t], model.heads[n].parameters()) for t, n in enumerate(model.tasks)]
+    model.zero_grad(set_to_none=True)
+    b = balancing.create("nashmtl", num_tasks=3, max_norm=0.0)
+    b.backward(losses, model)
+    d = flat_grads(model.trunk.parameters())
+    assert float(d.double() @ d.double()) == pytest.approx(3.0, rel=1e-4)
+    a = b.last_weights
+    torch.testing.assert_close(d, a.to(G) @ G, rtol=1e-4, atol=1e-7)
+    for t, n in enumerate(model.tasks):
+        torch.testing.assert_close(flat_grads(model.heads[n].parameters()), a[t] * heads[t],
+                                   rtol=1e-4, atol=1e-7)
+
+
+def flat_grad(loss, params):
+    return torch.cat([g.flatten() for g in torch.autograd.grad(loss, list(params),
+                                                               retain_graph=True)])
+
+
 def test_nashmtl_and_famo_clip_the_shared_gradient():
     for name in ("nashmtl", "famo"):
         torch.manual_seed(0)
@@ -329,12 +358,17 @@ STATEFUL = {
 
 
 def run_step(b, model, x, targets, seed):
+    from mtlcv.engine.closures import StepContext, after_step
+
     model.zero_grad(set_to_none=True)
     for p in b.parameters():
         p.grad = None
     torch.manual_seed(seed)
     logs = b.backward(losses_of(model, x, targets), model)
-    return logs, torch.cat([p.grad.flatten() for p in model.parameters()])
+    grads = torch.cat([p.grad.flatten() for p in model.parameters()])
+    # as the trainer: the closures the balancer needs (FAMO: the losses "after" the step)
+    after_step(b, StepContext((x, targets), lambda batch: 0.9 * losses_of(model, *batch)))
+    return logs, grads
 
 
 @pytest.mark.parametrize("name", sorted(STATEFUL))

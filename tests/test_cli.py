@@ -105,12 +105,13 @@ def test_train_cli_end_to_end(small_cfg, tmp_path, capsys):
     import yaml
 
     cfg = tmp_path / "c.yaml"
-    cfg.write_text(yaml.safe_dump(small_cfg))
+    cfg.write_text(yaml.safe_dump({**small_cfg, "schedule": {"name": "step", "step_size": 1}}))
     out = tmp_path / "run"
     assert main(["train", "--config", str(cfg), "--out", str(out), "--set", "train.epochs=1"]) == 0
     text = capsys.readouterr().out
     assert "semseg" in text and "miou" in text and str(out) in text
-    # resuming a finished run to more epochs continues it
+    # resuming a finished run to more epochs continues it (a step schedule does not depend on
+    # the number of epochs; a cosine one is refused: tests/test_robustness.py)
     assert main(["train", "--out", str(out), "--resume", "--set", "train.epochs=2"]) == 0
     assert (out / "metrics.jsonl").read_text().count("\n") == 2
 
@@ -230,7 +231,9 @@ def test_demo_trains_both_runs_prints_the_table_and_reuses_them(scenes_root, tmp
         "--set",
         "model.backbone.width=8",
         "--set",
-        "optim.lr=0.01",
+        # 8 steps per run: at 0.01 a run's depth can still miss every pixel by 25% (δ1 = 0, and
+        # Δm divides by the baseline's δ1); 0.02 leaves a wide margin
+        "optim.lr=0.02",
     ]
     assert main(args) == 0
     out = capsys.readouterr().out

@@ -19,7 +19,7 @@ from mtlcv.config import from_dict
 from mtlcv.engine.checkpoint import load_checkpoint
 from mtlcv.engine.gradient_log import read_log
 from mtlcv.engine.trainer import Trainer, train
-from mtlcv.errors import ConfigError
+from mtlcv.errors import ConfigError, Preempted
 
 
 class Toy(nn.Module):
@@ -200,9 +200,35 @@ def test_resumed_run_logs_exactly_what_an_uninterrupted_one_logs(small_cfg, tmp_
     # a crash after the log was flushed but before the checkpoint: a stale epoch-3 line
     path = tmp_path / "cut" / "gradients.jsonl"
     lines = path.read_text().splitlines()
-    path.write_text("\n".join([*lines, lines[-1].replace('"epoch": 2', '"epoch": 3')]) + "\n")
+    stale = {**json.loads(lines[-1]), "epoch": 3, "global_step": 10**6}
+    path.write_text("\n".join([*lines, json.dumps(stale)]) + "\n")
     ckpt = load_checkpoint(tmp_path / "cut" / "last.pt")
     assert ckpt["epoch"] == 2
+    train(from_dict(cfg), tmp_path / "cut", resume=True, log=lambda s: None)
+    full = (tmp_path / "full" / "gradients.jsonl").read_text()
+    assert (tmp_path / "cut" / "gradients.jsonl").read_text() == full
+
+
+def test_a_run_resumed_mid_epoch_logs_exactly_what_an_uninterrupted_one_logs(small_cfg, tmp_path):
+    """With ``train.checkpoint_every``: stopped mid-epoch and resumed, the log holds every logged
+    step once, as the uninterrupted run's."""
+    cfg = _cfg(small_cfg, log_gradients_every=2, epochs=2)
+    cfg["train"].update(max_steps=5, checkpoint_every=3)
+    train(from_dict(cfg), tmp_path / "full", log=lambda s: None)
+    t = Trainer(from_dict(cfg), tmp_path / "cut", log=lambda s: None)
+    step = t.train_step
+
+    def stop_after_7(batch):
+        out = step(batch)
+        if t.global_step == 6:  # the 7th step: epoch 2, step 2 (checkpoint after step 6)
+            t.request_stop("a test")
+        return out
+
+    t.train_step = stop_after_7
+    with pytest.raises(Preempted):
+        t.fit()
+    logged = read_log(tmp_path / "cut" / "gradients.jsonl")
+    assert [r["global_step"] for r in logged] == [0, 2, 4, 6]
     train(from_dict(cfg), tmp_path / "cut", resume=True, log=lambda s: None)
     full = (tmp_path / "full" / "gradients.jsonl").read_text()
     assert (tmp_path / "cut" / "gradients.jsonl").read_text() == full

@@ -58,8 +58,10 @@ def test_same_seed_same_bits_other_seed_other_images(batch):
 
 def test_an_image_does_not_depend_on_its_batch(batch):
     part = S.render(2, size=SIZE, seed=3, start=5)
+    start, stop = (int(v) for v in np.cumsum(batch["box_count"])[[4, 6]])
     for key in part:
-        assert np.array_equal(part[key], batch[key][5:7]), key
+        want = batch[key][start:stop] if key in S.BOX_KEYS[:3] else batch[key][5:7]
+        assert np.array_equal(part[key], want), key
 
 
 def test_shapes_dtypes_ranges(batch):
@@ -260,7 +262,7 @@ def test_factory_builds_a_missing_cache_once(tmp_path, monkeypatch, capsys):
     assert (tmp_path / "scenes-n5-16x24-s2" / "meta.json").is_file()
     assert "rendering 5 images" in capsys.readouterr().out
     assert len(ds) == 1 and ds[0]["image"].shape == (3, 16, 24)
-    assert ds.targets == ("semseg", "depth", "normals", "edges", "classification")
+    assert ds.targets == ("semseg", "depth", "normals", "edges", "classification", "detection")
     assert ds.task_options["semseg"] == {"num_classes": 13}
     assert ds.task_options["classification"] == {"num_classes": 4}
     DATASETS.create("scenes", split="test", n=5, size=[16, 24], seed=2)
@@ -279,12 +281,60 @@ def test_factory_errors_name_what_is_wrong(cache):
         S.write_cache(root, n=0)
 
 
+def test_cache_round_trip_of_the_detection_boxes(cache):
+    root, ref = cache
+    ends = np.cumsum(ref["box_count"])
+    offset = {"train": 0, "val": 8, "test": 9}
+    for split, start in offset.items():
+        ds = S.ScenesDataset(root, split)
+        assert ds.task_options["detection"] == {"num_classes": len(S.DET_CLASSES)}
+        for i in range(len(ds)):
+            j = start + i
+            boxes = ds[i]["detection"]
+            lo, hi = ends[j] - ref["box_count"][j], ends[j]
+            assert np.array_equal(boxes.boxes.numpy(), ref["boxes"][lo:hi])
+            assert np.array_equal(boxes.labels.numpy(), ref["box_class"][lo:hi])
+    assert ref["box_count"].sum() > 0
+    assert set(ref["box_class"].tolist()) <= set(range(len(S.DET_CLASSES)))
+
+
+def test_an_old_cache_format_is_re_rendered_or_refused_in_one_line(tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("MTLCV_CACHE", str(tmp_path))
+    folder = tmp_path / "scenes-n5-16x24-s2"
+    S.write_cache(folder, n=5, size=(16, 24), seed=2, progress=False)
+    meta = json.loads((folder / "meta.json").read_text())
+    (folder / "meta.json").write_text(json.dumps(dict(meta, format=1)))
+    with pytest.raises(DataError, match="has format 1, this version reads format 2; delete it"):
+        S.scenes(root=str(folder), n=5, size=(16, 24), seed=2)  # a folder the user named
+    ds = S.scenes(split="val", n=5, size=(16, 24), seed=2)  # the default cache is renewed
+    assert "has format 1" in capsys.readouterr().out and len(ds[0]["detection"].boxes.shape) == 2
+    assert json.loads((folder / "meta.json").read_text())["format"] == S.FORMAT
+
+
+def test_data_check_validates_the_boxes_of_a_scenes_cache(tmp_path, capsys):
+    from mtlcv.cli import main
+
+    S.write_cache(tmp_path, n=8, size=(24, 32), seed=1, progress=False)
+    assert main(["data", "check", str(tmp_path)]) == 0
+    assert "OK (scenes cache, 8 images at 24×32" in capsys.readouterr().out
+    with np.load(tmp_path / "train.npz") as z:
+        arrays = dict(z)
+    arrays["boxes"][0] = [10, 3, 4, 9]  # negative width
+    arrays["box_class"][1] = 12  # no such class
+    np.savez_compressed(tmp_path / "train.npz", **arrays)
+    assert main(["data", "check", str(tmp_path)]) == 2
+    out = capsys.readouterr().out.splitlines()
+    assert any("train.npz image 0: box 0 has negative width (x1 10, x2 4)" in line for line in out)
+    assert any("has class 12, outside [0, 10)" in line for line in out)
+    assert "2 problem(s) found (scenes cache" in out[-1]
 def test_scenes_n_train_takes_a_prefix_of_the_training_split(scenes_root):
     opts = {"root": scenes_root, "n": 48, "size": [32, 48], "seed": 0}
     full = DATASETS.create("scenes", split="train", **opts)
     part = DATASETS.create("scenes", split="train", n_train=10, **opts)
     val = DATASETS.create("scenes", split="val", n_train=10, **opts)
     assert len(part) == 10 and torch.equal(part[3]["image"], full[3]["image"])
+    for i in (0, 9):  # the boxes of a kept image are its own
+        assert torch.equal(part[i]["detection"].boxes, full[i]["detection"].boxes)
     assert len(val) == len(DATASETS.create("scenes", split="val", **opts))  # unchanged
     with pytest.raises(ConfigError, match="n_train"):
         DATASETS.create("scenes", split="train", n_train=len(full) + 1, **opts)

@@ -27,3 +27,13 @@ class CheckpointError(MtlcvError):
 
 class TrainingError(MtlcvError):
     """Training cannot go on (e.g. a loss became NaN); the last epoch's checkpoint is intact."""
+
+
+class Preempted(MtlcvError):
+    """Training stopped on request (SIGTERM) after writing a checkpoint; resume to continue.
+
+    Not a mistake: the CLI prints the message without "error" and exits with 75 (``EX_TEMPFAIL``
+    of sysexits.h, "try again later"), distinct from errors (2), Ctrl-C (130) and a kill (137).
+    """
+
+    exit_code = 75

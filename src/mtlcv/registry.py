@@ -74,8 +74,16 @@ class Registry:
     def create(self, name: str, *, where: str | None = None, **options: Any) -> Any:
         """Build ``name`` with ``options``; unknown options raise a ConfigError naming them."""
         factory = self.get(name, where=where)
-        check_options(factory, options, f"{where or self.kind} {name!r}")
-        return factory(**options)
+        what = f"{where or self.kind} {name!r}"
+        check_options(factory, options, what)
+        try:
+            return factory(**options)
+        except ConfigError:
+            raise
+        except (TypeError, ValueError) as exc:
+            # an option of the wrong type or value that the factory did not check itself
+            first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            raise ConfigError(f"{what}: invalid option value ({first[:160]})") from None
 
     def items(self) -> list[Entry]:
         _load_builtins()

@@ -4,6 +4,7 @@ from .delta_m import (
     delta_m,
     delta_m_higher_is_better,
     delta_m_per_task,
+    main_metrics,
     mean_rank,
     on_baseline_metrics,
 )
@@ -13,6 +14,7 @@ __all__ = [
     "delta_m",
     "delta_m_higher_is_better",
     "delta_m_per_task",
+    "main_metrics",
     "mean_rank",
     "metric_directions",
     "on_baseline_metrics",

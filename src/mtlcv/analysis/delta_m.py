@@ -105,6 +105,11 @@ def on_baseline_metrics(results: Scores, baselines: Scores) -> dict[str, dict[st
     return {t: {m: v for m, v in ms.items() if m in baselines[t]} for t, ms in results.items()}
 
 
+def main_metrics(results: Scores, aux_tasks: Sequence[str] = ()) -> dict[str, dict[str, float]]:
+    """``results`` without the auxiliary tasks: what Δm, mean rank and model selection see."""
+    return {t: dict(ms) for t, ms in results.items() if t not in aux_tasks}
+
+
 def delta_m_higher_is_better(per_task_first: bool = False) -> bool:
     """Direction of :func:`delta_m`: False for convention (a), True for convention (b)."""
     return per_task_first

@@ -14,7 +14,7 @@ ones); columns are the image, then per task its ground truth and every model's p
 
 The drawing of a task is chosen by its kind (the :class:`~mtlcv.tasks.base.Task` subclass), never
 by its name; a task of an unknown kind is drawn from its shape when it is dense and skipped
-otherwise.
+otherwise; a task whose targets are not images (detection boxes) has no column.
 """
 
 from __future__ import annotations
@@ -57,6 +57,7 @@ def sample_indices(n: int, k: int) -> list[int]:
 def predict_run(run: str | Path, k: int = 4, overrides: Sequence[str] = ()) -> Samples:
     """Load ``run``'s best checkpoint (else its last) and predict ``k`` fixed val images on CPU."""
     from ..config import load
+    from ..data.base import collate
     from ..engine.checkpoint import load_checkpoint
     from ..engine.experiment import build
     from ..errors import CheckpointError
@@ -73,7 +74,7 @@ def predict_run(run: str | Path, k: int = 4, overrides: Sequence[str] = ()) -> S
     ds = exp.datasets["val"]
     idx = sample_indices(len(ds), k)
     items = [ds[i] for i in idx]
-    batch = {key: torch.stack([torch.as_tensor(it[key]) for it in items]) for key in items[0]}
+    batch = collate(items)
     with torch.no_grad():
         preds = exp.model(batch["image"])
     names = getattr(ds, "class_names", {}) or {}
@@ -232,6 +233,8 @@ def qualitative_figure(samples: Mapping[str, Samples]) -> Figure:
         first.images[r].permute(1, 2, 0).clamp(0, 1).numpy()))]
     legends = []
     for t, task in first.tasks.items():
+        if not isinstance(first.targets[t], torch.Tensor):
+            continue  # not an image-shaped target (detection boxes): no column
         runs = {label: s.preds[t] for label, s in samples.items()}
         cols, extra = _columns(t, task, first.targets[t], runs, first.class_names.get(t))
         columns += cols

@@ -482,19 +482,28 @@ def grid_report(grid_dir: Path, out: Path, pareto: Sequence[str] | None = None,
 
     page.section("Summary")
     if rows:
-        cols = _columns(higher)
+        cols = _columns(higher, rows)  # (main tasks, auxiliary tasks shown apart)
+        main_cols, aux_cols = cols
         has_dm = any("delta_m" in r for r in rows)
-        head = ["run"] + [f"{t} {m} {'↑' if higher[t][m] else '↓'}" for t, m in cols]
-        head += (["Δm % ↓"] if has_dm else []) + ["params", "step s"]
-        best: list[set[int]] = [set()]
-        for t, m in cols:
-            vals = [r["test"][t][m] for r in rows]
+
+        def arrow(t: str, m: str) -> str:
+            return "↑" if higher[t][m] else "↓"
+
+        head = ["run"] + [f"{t} {m} {arrow(t, m)}" for t, m in main_cols]
+        head += ["Δm % ↓"] if has_dm else []
+        head += [f"{t} (aux) {m} {arrow(t, m)}" for t, m in aux_cols] + ["params", "step s"]
+
+        def best_of(t: str, m: str) -> set[int]:
+            vals = [r["test"].get(t, {}).get(m, math.nan) for r in rows]
             finite = [v for v in vals if isinstance(v, float) and not math.isnan(v)]
             target = (max if higher[t][m] else min)(finite) if finite else None
-            best.append({i for i, v in enumerate(vals) if v == target})
+            return {i for i, v in enumerate(vals) if v == target}
+
+        best: list[set[int]] = [set()] + [best_of(t, m) for t, m in main_cols]
         if has_dm:
             dms = [r.get("delta_m", math.inf) for r in rows]
             best.append({int(np.argmin(dms))})
+        best += [best_of(t, m) for t, m in aux_cols]
         page.raw(_table(head, [_cells(r, cols, has_dm) for r in rows], best))
         page.text("Test split, mean over seeds; Δm (convention (a), lower is better) of each "
                   "seed's run against the baseline's mean over seeds, mean ± std over seeds; "

@@ -7,7 +7,12 @@ from typing import Any
 
 from rich.table import Table
 
-from .delta_m import delta_m
+from .delta_m import delta_m, main_metrics
+
+
+def aux_tasks(results: Mapping[str, Any]) -> list[str]:
+    """The auxiliary tasks of a results dict (``results.json``); none for older runs."""
+    return list(results.get("aux_tasks") or [])
 
 
 def metric_directions(results: Mapping[str, Any]) -> dict[str, dict[str, bool]]:
@@ -29,6 +34,7 @@ def comparison_table(
     higher_is_better: Mapping[str, Mapping[str, bool]],
     baseline: str | None = None,
     title: str | None = None,
+    aux: Sequence[str] = (),
 ) -> Table:
     """A rich table with one row per (task, metric) and one column per run.
 
@@ -36,6 +42,8 @@ def comparison_table(
     value}}}``). When ``baseline`` names one of the runs, every other run also gets its relative
     change per metric (signed so that positive is better) and a last row with Δm in convention
     (a): the mean over all metrics of the signed relative change, where lower is better.
+    Auxiliary tasks (``aux``) come last, in a section of their own marked "(aux)", and are left
+    out of Δm.
     """
     names = list(runs)
     table = Table(title=title)
@@ -45,11 +53,14 @@ def comparison_table(
         table.add_column(n, justify="right")
         if baseline is not None and n != baseline:
             table.add_column(f"vs {baseline}", justify="right")
-    tasks: Sequence[str] = list(next(iter(runs.values()))["test"])
+    every: Sequence[str] = list(next(iter(runs.values()))["test"])
+    tasks = [t for t in every if t not in aux] + [t for t in every if t in aux]
     for task in tasks:
+        if task in aux and (task == tasks[0] or tasks[tasks.index(task) - 1] not in aux):
+            table.add_section()
         for metric, higher in higher_is_better[task].items():
             arrow = "↑" if higher else "↓"
-            row = [task, f"{metric} {arrow}"]
+            row = [f"{task} (aux)" if task in aux else task, f"{metric} {arrow}"]
             base = runs[baseline]["test"][task][metric] if baseline is not None else None
             for n in names:
                 value = runs[n]["test"][task][metric]
@@ -66,7 +77,8 @@ def comparison_table(
             if n == baseline:
                 row.append("0.00%")
             else:
-                dm = delta_m(runs[n]["test"], runs[baseline]["test"], higher_is_better)
+                dm = delta_m(main_metrics(runs[n]["test"], aux),
+                             main_metrics(runs[baseline]["test"], aux), higher_is_better)
                 row.extend([f"{dm:+.2f}%", ""])
         table.add_section()
         table.add_row(*row)

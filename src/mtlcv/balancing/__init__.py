@@ -11,6 +11,7 @@ dwa           Liu et al. 2019                   loss weighting         -
 gradnorm      Chen et al. 2018                  loss weighting         last shared layer
 dtp           Guo et al. 2018                   loss weighting         -
 rlw           Lin et al. 2022                   loss weighting         -
+si            Navon et al. 2022 (SI baseline)   loss weighting         -
 famo          Liu et al. 2023                   loss weighting         -
 imtl-l        Liu et al. 2021 (IMTL-L)          loss weighting         -
 graddrop      Chen et al. 2020                  gradient aggregation   rep (exact)
@@ -25,6 +26,15 @@ aligned-mtl   Senushkin et al. 2023             gradient aggregation   param (ex
 upgrad        Quinton & Rey 2024 (torchjd)      gradient aggregation   param (exact)
 gradvac       Wang et al. 2021                  gradient aggregation   param (exact)
 dbmtl         Lin et al. 2023                   gradient aggregation   param (exact)
+gls           Chennupati et al. 2019            loss weighting         -
+stch          Lin et al. 2024                   loss weighting         -
+moco          Fernando et al. 2023              gradient aggregation   param (exact)
+excessmtl     He et al. 2024                    gradient aggregation   param (exact)
+fairgrad      Ban & Ji 2024                     gradient aggregation   param (exact)
+sdmgrad       Xiao et al. 2023                  gradient aggregation   param (exact)
+modo          Chen et al. 2023                  gradient aggregation   param (exact)
+config        Liu et al. 2025 (ConFIG)          gradient aggregation   param (exact)
+dualproj      Quinton & Rey 2024 (torchjd)      gradient aggregation   param (exact)
 ============  ================================  =====================  =====================
 
 Every gradient method takes ``mode="param" | "rep"``; "rep" (representation gradients, the
@@ -39,19 +49,29 @@ from ..registry import BALANCERS
 from . import (  # noqa: F401  (registers)
     aligned_mtl,
     cagrad,
+    conflictfree,
     dbmtl,
     dtp,
+    dualproj,
     dwa,
+    excessmtl,
+    fairgrad,
     famo,
     fixed,
+    gls,
     graddrop,
     gradnorm,
     gradvac,
     imtl,
     mgda,
+    moco,
+    modo,
     nashmtl,
     pcgrad,
     rlw,
+    sdmgrad,
+    si,
+    stch,
     uncertainty,
     upgrad,
 )

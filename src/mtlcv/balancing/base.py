@@ -4,7 +4,7 @@ A balancer turns the per-task losses of one training step into gradients: after
 ``balancer.backward(losses, model)`` every parameter's ``.grad`` holds the update direction and
 the trainer only calls ``optimizer.step()``. The trainer never asks which method it runs.
 
-Two families (GUIDE.md, after torchjd and LibMTL):
+Two families (docs/design.md, after torchjd and LibMTL):
 
 * **loss weighting** (:class:`Weighting`): ``weights(losses)`` returns a weight per task from the
   losses and their history; the update is the gradient of ``sum_k w_k L_k``;
@@ -17,14 +17,34 @@ Two families (GUIDE.md, after torchjd and LibMTL):
 Stateful methods keep their state in ``state_dict()`` (buffers, parameters and
 ``get_extra_state``), which checkpoints save and ``--resume`` restores. Learnable balancer
 parameters (e.g. uncertainty weighting's log-variances) are returned by ``parameters()`` and
-optimised by the trainer together with the model.
+optimised by the trainer's optimizer in their own parameter group: never weight-decayed, and at
+the learning rate ``param_lr`` when the balancer sets one (else the model's).
+
+Needs beyond the losses (the step contract, like ``torch.optim.LBFGS.step(closure)``). A
+balancer that needs more than the losses of the step lists it by name in ``needs``. The trainer
+then calls ``balancer.after_step(closures)`` right after ``optimizer.step()``, with one
+zero-argument callable per name; the balancer decides whether to call it. The trainer only maps
+names to callables (:mod:`mtlcv.engine.closures`), never asks which method it runs, and refuses
+(one line, at construction) a balancer that needs a name it cannot provide. Names provided:
+
+* ``"losses_after_step"`` (:data:`LOSSES_AFTER_STEP`): the per-task losses ``[T]`` of the batch
+  just trained on, recomputed by the updated model under ``torch.no_grad()`` and in the model's
+  training mode, exactly as the step's own losses were computed (FAMO's "loss after the
+  update", Liu et al. 2023, Algorithm 1). It costs one forward pass, and only when called.
+
+Extending to another batch: a need such as the per-task losses of a *held-out* batch (Auto-λ,
+Liu et al. 2022, evaluates its meta-objective on validation data) is a new name here, one
+provider in ``mtlcv.engine.closures`` that draws that batch from its own loader and returns its
+losses (with gradients, if the name says so), and a balancer that lists it in ``needs``. The
+callable carries everything it needs; ``after_step``'s signature does not change. Nothing else
+in the trainer changes.
 
 Construction: ``mtlcv.balancing.create(name, num_tasks=T, **options)``.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import TYPE_CHECKING
 
 import torch
@@ -35,12 +55,23 @@ from ..errors import ConfigError
 if TYPE_CHECKING:
     from .jacobian import TaskGradients
 
+#: ``needs`` name: the per-task losses of the same batch after ``optimizer.step()`` (no grad)
+LOSSES_AFTER_STEP = "losses_after_step"
+
+#: a closure the trainer passes to ``after_step``: no arguments, per-task losses ``[T]``
+LossClosure = Callable[[], torch.Tensor]
+
 
 class Balancer(nn.Module):
     """Base class: sees the per-task losses and leaves ``.grad`` set for the optimizer."""
 
     #: "weighting" or "aggregation"
     family: str = "weighting"
+    #: what the balancer needs from the trainer beyond the step's losses (see the module doc);
+    #: a class default, which an instance may replace according to its options
+    needs: frozenset[str] = frozenset()
+    #: learning rate of the balancer's own learnable parameters (None: ``optim.lr``)
+    param_lr: float | None = None
 
     def __init__(self, num_tasks: int) -> None:
         super().__init__()
@@ -52,6 +83,11 @@ class Balancer(nn.Module):
         """Set ``.grad`` from the loss vector ``losses`` (shape ``[T]``); return values to log."""
         raise NotImplementedError
 
+    def after_step(self, closures: Mapping[str, LossClosure]) -> dict[str, float]:
+        """Called after ``optimizer.step()`` with one callable per name in ``needs`` (the module
+        doc lists them); returns values to log. Not called when ``needs`` is empty."""
+        return {}
+
     def on_epoch_end(
         self,
         epoch: int,
@@ -59,6 +95,19 @@ class Balancer(nn.Module):
         kpis: Sequence[float] | None = None,
     ) -> None:
         """Hook called once per epoch with the mean training loss and the val KPI of each task."""
+
+    @staticmethod
+    def sync_gradients(model: nn.Module | None) -> None:
+        """With several processes (torchrun): average ``model``'s gradients over them, after a
+        backward pass of losses whose values are global (as the trainer provides). No-op for
+        a single process. Every ``backward`` that computes gradients locally calls it before
+        anything that reads them (e.g. gradient clipping)."""
+        if model is None:
+            return
+        from ..engine import distributed
+
+        if distributed.active():
+            distributed.sync_gradients(model.parameters(), "mean")
 
 
 class Weighting(Balancer):
@@ -73,6 +122,7 @@ class Weighting(Balancer):
         w = self.weights(losses)
         total = (w * losses).sum()
         total.backward()
+        self.sync_gradients(model)
         return weight_logs(w)
 
 
@@ -152,17 +202,22 @@ class GradientBalancer(Balancer):
 
         if model is None:
             raise TypeError(f"{type(self).__name__}.backward needs the model")
+        from ..engine import distributed
+
         scale = self.loss_scale(losses)
         info: dict = {}
-        # a method that only weighs the Gramian never needs G itself (see jacobian.py)
+        # a method that only weighs the Gramian never needs G itself (see jacobian.py); with
+        # several processes G is needed: its all-reduce gives the global per-task gradients
         cls = type(self)
         gramian_only = (cls.aggregate is GradientBalancer.aggregate
-                        and cls.aggregate_gradients is GradientBalancer.aggregate_gradients)
+                        and cls.aggregate_gradients is GradientBalancer.aggregate_gradients
+                        and not distributed.active())
         tg = task_gradients(
             losses, model, self.mode, scale=scale, batched=self.batched,
             safe=not self._batched_ok, info=info, gramian=gramian_only,
         )
         self._batched_ok = self._batched_ok or bool(info.get("batched"))
+        tg.globalise()
         if tg.matrix is None:
             assert tg.gramian is not None
             w = self.gramian_weights(tg.gramian, losses.detach())
@@ -171,6 +226,7 @@ class GradientBalancer(Balancer):
         else:
             update = self.aggregate_gradients(tg, losses.detach())
             tg.apply(update, self._task_coeffs(update))
+        tg.synchronise(model)
         self.after_backward(model)
         return weight_logs(self.last_weights)
 

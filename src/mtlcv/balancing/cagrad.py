@@ -27,6 +27,13 @@ class CAGrad(GradientBalancer):
     inner problem is solved on the Gramian by accelerated projected gradient (solvers.py) with
     the official ``1e-8`` terms. ``last_weights`` are the coefficients of ``d`` on the task
     gradients. Heads get their plain gradients (official code). Stateless.
+
+    ``sum_scale``: the official NYUv2 code multiplies the shared update by T "to match the sum
+    loss" (Cranial-XIX/CAGrad ``nyuv2/utils.py``, ``overwrite_grad``, which its MGDA, PCGrad and
+    GradDrop runs share; Nash-MTL's ``CAGrad.overwrite_grad`` does the same), while the paper's
+    Algorithm 1 and LibMTL use ``d`` itself. ``sum_scale: true`` applies the factor T (the
+    published configs set it). It matters under SGD; under Adam, whose steps are invariant to
+    a constant per-parameter gradient scale, it only changes the weight of Adam's epsilon.
     """
 
     def __init__(
@@ -34,6 +41,7 @@ class CAGrad(GradientBalancer):
         num_tasks: int,
         c: float = 0.4,
         rescale: int = 1,
+        sum_scale: bool = False,
         mode: str | None = None,
         batched: bool = True,
     ) -> None:
@@ -41,7 +49,12 @@ class CAGrad(GradientBalancer):
         self.c = check_positive(c, "c", allow_zero=True)
         if rescale not in (0, 1, 2):
             raise ConfigError(f"balancer.options.rescale is {rescale!r}; expected 0, 1 or 2")
+        if not isinstance(sum_scale, bool):
+            raise ConfigError(
+                f"balancer.options.sum_scale is {sum_scale!r}; expected true or false"
+            )
         self.rescale = rescale
+        self.sum_scale = sum_scale
         #: the inner problem's solution w* of the last call
         self.last_inner: torch.Tensor | None = None
 
@@ -65,11 +78,18 @@ class CAGrad(GradientBalancer):
         lam = c / (gw_norm + 1e-8)
         coef = b + lam * w
         div = {0: 1.0, 1: 1.0 + self.c**2, 2: 1.0 + self.c}[self.rescale]
+        if self.sum_scale:  # the official code's "* T to match the sum loss"
+            div = div / T
         return torch.from_numpy(coef / div).to(M)
 
 
 @BALANCERS.register("cagrad", help="CAGrad (Liu et al. 2021), c = 0.4")
 def cagrad(
-    num_tasks: int, c: float = 0.4, rescale: int = 1, mode: str = "param", batched: bool = True
+    num_tasks: int,
+    c: float = 0.4,
+    rescale: int = 1,
+    sum_scale: bool = False,
+    mode: str = "param",
+    batched: bool = True,
 ) -> CAGrad:
-    return CAGrad(num_tasks, c, rescale, mode, batched)
+    return CAGrad(num_tasks, c, rescale, sum_scale, mode, batched)

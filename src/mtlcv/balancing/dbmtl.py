@@ -23,7 +23,10 @@ class DBMTL(GradientBalancer):
     * loss-scale balancing: the per-task gradients are those of ``log(L_t + 1e-8)``;
     * an EMA of each task's gradient, ``ghat_t <- beta_k ghat_t + (1 - beta_k) g_t`` with
       ``beta_k = beta / k^sigma`` at step ``k = 1, 2, ...`` and ``ghat = 0`` before the first
-      step (as in the authors' code), ``beta = 0.9`` and ``sigma = 0.5`` (the authors' defaults);
+      step (as in the authors' code), ``beta = 0.9`` and ``sigma = 0``, the defaults of the
+      authors' code (median-research-group/LibMTL ``LibMTL/config.py``: ``--DB_beta 0.9``,
+      ``--DB_beta_sigma 0``, a constant ``beta``); ``sigma = 0.5``, an earlier mtlcv default,
+      is not confirmed by the paper;
     * gradient-magnitude balancing: ``d = sum_t alpha_t ghat_t`` with
       ``alpha_t = max_s ||ghat_s|| / ||ghat_t||``: every task contributes with the largest norm.
 
@@ -42,7 +45,7 @@ class DBMTL(GradientBalancer):
         self,
         num_tasks: int,
         beta: float = 0.9,
-        beta_sigma: float = 0.5,
+        beta_sigma: float = 0.0,
         mode: str | None = None,
         batched: bool = True,
     ) -> None:
@@ -111,13 +114,18 @@ class DBMTL(GradientBalancer):
                     self._fold(t, g.detach().reshape(-1), state["b"], i)
                 i += p.numel()
 
+        from ..engine import distributed
+
         info: dict = {}
+        # several processes: G is formed and all-reduced (tg.globalise) instead of folded
         tg = task_gradients(losses, model, self.mode, scale=self.loss_scale(losses),
                             batched=self.batched, safe=not self._batched_ok, info=info,
-                            on_row=fold)
+                            on_row=None if distributed.active() else fold)
         self._batched_ok = self._batched_ok or bool(info.get("batched"))
+        tg.globalise()
         update = self.aggregate(tg.matrix) if tg.matrix is not None else self._combine()
         tg.apply(update, torch.ones(self.num_tasks, device=update.device, dtype=update.dtype))
+        tg.synchronise(model)
         self.after_backward(model)
         return weight_logs(self.last_weights)
 
@@ -133,7 +141,7 @@ class DBMTL(GradientBalancer):
 def dbmtl(
     num_tasks: int,
     beta: float = 0.9,
-    beta_sigma: float = 0.5,
+    beta_sigma: float = 0.0,
     mode: str = "param",
     batched: bool = True,
 ) -> DBMTL:

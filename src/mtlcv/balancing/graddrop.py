@@ -76,9 +76,9 @@ class GradDrop(GradientBalancer):
 
     def aggregate_gradients(self, tg: TaskGradients, losses: torch.Tensor) -> torch.Tensor:
         if tg.mode == "rep" and tg.rep is not None:
-            return self.aggregate(
-                tg.matrix, losses, torch.sign(tg.rep.detach()).flatten(), tg.rep.shape[0]
-            )
+            # several processes: the whole global batch's representation (tg.globalise)
+            rep = tg.rep_global if tg.rep_global is not None else tg.rep.detach()
+            return self.aggregate(tg.matrix, losses, torch.sign(rep).flatten(), rep.shape[0])
         return self.aggregate(tg.matrix, losses)
 
 

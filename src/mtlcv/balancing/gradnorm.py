@@ -90,7 +90,10 @@ class GradNorm(Weighting):
                               RuntimeWarning, stacklevel=2)
                 self._warned = True
             (w * losses).sum().backward()
+            self.sync_gradients(model)
             return weight_logs(w)
+        from ..engine import distributed
+
         shared = split_parameters(model)[0]
         if any(p is W for p in shared) and is_separable(losses, model):
             # heads once each (dL_i/dz), then only the layers between W and z once per task;
@@ -98,14 +101,16 @@ class GradNorm(Weighting):
             tg = task_gradients(losses, model, "rep")
             assert tg.rep is not None
             R = tg.matrix.reshape(self.num_tasks, *tg.rep.shape)
-            norms = torch.stack([
-                torch.autograd.grad(tg.rep, W, R[i], retain_graph=True)[0].norm()
+            J = torch.stack([
+                torch.autograd.grad(tg.rep, W, R[i], retain_graph=True)[0]
                 for i in range(self.num_tasks)
-            ]).to(w.dtype)
+            ])
         else:
             (J,) = jacobian(losses, [W])  # keeps the graph for the backward below
-            norms = J.flatten(1).norm(dim=1).to(w.dtype)  # ||grad_W L_i||
             tg = None
+        # several processes: the norms of the global batch's per-task gradients of W
+        distributed.all_reduce(J, "mean")
+        norms = J.flatten(1).norm(dim=1).to(w.dtype)  # ||grad_W L_i||
         G = w * norms
         ratio = losses.detach() / self.initial_losses.clamp_min(1e-12)
         r = ratio / ratio.mean()
@@ -116,6 +121,7 @@ class GradNorm(Weighting):
             (w * losses).sum().backward()
         else:
             tg.apply(w.to(tg.matrix.dtype) @ tg.matrix, w)
+        self.sync_gradients(model)  # this process's gradients of sum_i w_i L_i -> the mean
         logs = weight_logs(w)
         logs["gradnorm_loss"] = float((G - target).abs().sum())
         return logs

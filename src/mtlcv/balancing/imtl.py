@@ -62,6 +62,7 @@ class IMTLL(Weighting):
 
     def backward(self, losses: torch.Tensor, model: nn.Module | None = None) -> dict[str, float]:
         self.scaled(losses).sum().backward()
+        self.sync_gradients(model)
         return weight_logs(self.weights(losses))
 
 

@@ -233,6 +233,10 @@ class TaskGradients:
         rows: ``[T, *rep.shape]``: ``c_t dL_t/dz`` (``"param"`` mode without ``matrix``).
         kept: ``(params, K)``: shared parameters whose rows ``K`` (``[T, n]``) were kept.
         rest: the other shared parameters: their part of ``w @ G`` is ``z``'s VJP with ``w @ rows``.
+        local: with several processes in ``"rep"`` mode, after :meth:`globalise`: this process's
+            columns ``(start, stop)`` of the global ``matrix``.
+        rep_global: with several processes in ``"rep"`` mode, after :meth:`globalise`: the
+            representations of the whole global batch (detached), in ``matrix``'s column order.
     """
 
     matrix: torch.Tensor | None
@@ -246,6 +250,51 @@ class TaskGradients:
     rows: torch.Tensor | None = None
     kept: tuple[list[nn.Parameter], torch.Tensor] | None = None
     rest: list[nn.Parameter] = field(default_factory=list)
+    local: tuple[int, int] | None = None
+    rep_global: torch.Tensor | None = None
+
+    def globalise(self) -> None:
+        """With several processes (engine/distributed.py): make ``matrix`` the per-task gradients
+        of the *global* batch, identical on every process.
+
+        ``"param"`` mode: the all-reduced mean of the processes' matrices (T x P numbers per
+        step). ``"rep"`` mode: the columns are each process's own samples, so the global matrix
+        is the concatenation of every process's block divided by the number of processes
+        (all-gathered: T x global batch x representation size numbers); :meth:`apply` then takes
+        this process's columns of the update. No-op for a single process.
+        """
+        from ..engine import distributed
+
+        if not distributed.active():
+            return
+        if self.matrix is None:
+            raise RuntimeError("globalise() needs the gradient matrix; pass gramian=False")
+        if self.mode == "param":
+            distributed.all_reduce(self.matrix, "mean")
+            return
+        assert self.rep is not None
+        T, batch = self.matrix.shape[0], self.rep.shape[0]
+        blocks = (self.matrix / distributed.world_size()).reshape(T, batch, -1)
+        glob, (a, b) = distributed.all_gather_cat(blocks, dim=1)
+        width = blocks.shape[2]
+        self.matrix = glob.reshape(T, -1)
+        self.local = (a * width, b * width)
+        self.rep_global, _ = distributed.all_gather_cat(self.rep.detach(), dim=0)
+
+    def synchronise(self, model: nn.Module) -> None:
+        """After :meth:`apply`, with several processes: average the gradients that are still
+        this process's own (heads; everything in ``"rep"`` mode) so every process holds the
+        global gradient. ``"param"`` mode's shared update came from the global ``matrix``
+        already; ``"rep"`` mode's shared gradients are summed (each process backpropagated its
+        own columns of the global update)."""
+        from ..engine import distributed
+
+        if not distributed.active():
+            return
+        shared = {id(p) for p in self.shared}
+        distributed.sync_gradients([p for p in model.parameters() if id(p) not in shared], "mean")
+        if self.mode == "rep":
+            distributed.sync_gradients(self.shared, "sum")
 
     def apply(self, update: torch.Tensor, task_coeffs: torch.Tensor) -> None:
         """Accumulate ``update`` (shape ``[P]``) into the shared ``.grad`` and the heads' gradients
@@ -253,6 +302,8 @@ class TaskGradients:
         update = update.detach()
         if self.mode == "rep":
             assert self.rep is not None
+            if self.local is not None:
+                update = update[self.local[0] : self.local[1]]
             if self.shared:
                 torch.autograd.backward(
                     self.rep, update.reshape(self.rep.shape).to(self.rep.dtype),

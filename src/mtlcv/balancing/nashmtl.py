@@ -25,15 +25,27 @@ class NashMTL(GradientBalancer):
 
     Published defaults: ``update_weights_every = 1``; ``optim_niter = 20`` (the official number
     of convex-approximation iterations; here the cap on Newton iterations, which converge in far
-    fewer); ``max_norm = 1.0``: the official code clips the shared gradient to norm 1.
-    ``normalize=True`` follows the official code in solving on the Gramian divided by its
-    Frobenius norm ``n`` and using that ``alpha`` as is, i.e. the weights are ``sqrt(n)`` times
-    the exact solution for ``G G^T`` (the direction is the same); ``normalize=False`` returns the
-    exact solution of Theorem 5.1's condition. Heads get ``alpha_t`` times their gradient (the
-    official code backpropagates ``sum_t alpha_t L_t``). Degenerate cases: a task whose shared
-    gradient vanishes cannot bargain and gets the mean weight of the others; when no solution
-    exists (a non-negative combination of the gradients vanishes) the previous ``alpha`` is
-    kept, as the official code does when its solver fails.
+    fewer); ``max_norm = 1.0``: the official code clips the shared gradient to norm 1 after
+    ``backward`` (AvivNavon/nash-mtl, ``methods/weight_methods.py``, ``NashMTL.backward``).
+
+    The solution is the official one. The official code divides ``G G^T`` by its Frobenius norm
+    ``n`` before solving, but its CVXPY constraint ``-log(alpha_i n) - log((G G^T / n alpha)_i)
+    <= 0`` is ``alpha_i (G G^T alpha)_i >= 1`` on the *unnormalised* Gramian, and its objective
+    makes that constraint tight: the ``alpha`` it returns (and uses as the loss weights) is the
+    exact solution of Theorem 5.1 for ``G G^T``, whose shared update has ``||d||^2 = alpha^T G G^T
+    alpha = T`` before clipping. That is what is computed here (the scale-invariant Newton solve
+    needs no normalisation). An earlier ``normalize`` option that used the ``alpha`` of the
+    normalised Gramian as is (``sqrt(n)`` times the official weights, so a shared step of norm
+    ``sqrt(n T)`` and time-varying head scales) was removed: it matched neither the paper nor the
+    code. Heads get ``alpha_t`` times their gradient (the official code backpropagates ``sum_t
+    alpha_t L_t``). Degenerate cases: a task whose shared gradient vanishes cannot bargain and
+    gets the mean weight of the others; when no solution exists (a non-negative combination of
+    the gradients vanishes) the previous ``alpha`` is kept, as the official code does when its
+    solver fails.
+
+    What is shared is the model's declaration (``shared_parameters``): with MTAN, the official
+    Nash-MTL code counts the attention masks as shared (in the Gramian and in the clip), which
+    ``model.options.attention_params: shared`` reproduces (see ``configs/nyuv2/published``).
 
     State (in ``state_dict()``): the last ``alpha`` (the warm start, and the weights reused
     between updates) and the step count.
@@ -47,7 +59,6 @@ class NashMTL(GradientBalancer):
         update_weights_every: int = 1,
         optim_niter: int = 20,
         max_norm: float = 1.0,
-        normalize: bool = True,
         mode: str | None = None,
         batched: bool = True,
     ) -> None:
@@ -60,7 +71,6 @@ class NashMTL(GradientBalancer):
         self.update_weights_every = int(update_weights_every)
         self.optim_niter = int(optim_niter)
         self.max_norm = check_positive(max_norm, "max_norm", allow_zero=True)
-        self.normalize = bool(normalize)
         self.register_buffer("alpha", torch.ones(num_tasks, dtype=torch.float64))
         self.register_buffer("steps", torch.zeros((), dtype=torch.long))
 
@@ -70,8 +80,6 @@ class NashMTL(GradientBalancer):
         if step % self.update_weights_every:
             return self.alpha.to(M)
         A = as_numpy(M)
-        if self.normalize:
-            A = A / max(float(((A * A).sum()) ** 0.5), 1e-300)
         # tasks without a shared gradient cannot bargain (their row of M a = 1/a has no solution)
         live = np.diag(A) > 1e-12 * max(float(np.diag(A).max()), 1e-300)
         alpha = self.alpha.cpu().numpy().copy()
@@ -95,6 +103,7 @@ class NashMTL(GradientBalancer):
         self.steps += 1
         self.last_weights = self.alpha.to(losses)
         (self.last_weights * losses).sum().backward()
+        self.sync_gradients(model)
         if model is not None:
             self.after_backward(model)
         return weight_logs(self.last_weights)
@@ -109,10 +118,7 @@ def nashmtl(
     update_weights_every: int = 1,
     optim_niter: int = 20,
     max_norm: float = 1.0,
-    normalize: bool = True,
     mode: str = "param",
     batched: bool = True,
 ) -> NashMTL:
-    return NashMTL(
-        num_tasks, update_weights_every, optim_niter, max_norm, normalize, mode, batched
-    )
+    return NashMTL(num_tasks, update_weights_every, optim_niter, max_norm, mode, batched)

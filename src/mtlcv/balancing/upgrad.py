@@ -20,10 +20,13 @@ class UPGrad(GradientBalancer):
     ``{x : G x >= 0}``; the projection of ``G^T u_i e_i`` is ``G^T v_i`` with
     ``v_i = argmin_{v >= u_i e_i} v^T M v``, a small QP on the Gramian solved exactly by an
     active-set method (solvers.py). Every projection has a non-negative inner product with every
-    task gradient, hence so has ``d``. As in torchjd, the Gramian is first divided by its trace
-    (``norm_eps = 1e-4``: a Gramian with trace below it gives a zero update) and regularised by
-    ``reg_eps * I`` with ``reg_eps = 1e-4`` to make it positive definite. Heads get their plain
-    gradients (torchjd's ``mtl_backward``). Stateless.
+    task gradient, hence so has ``d``. As in torchjd (``torchjd/_linalg/_gramian.py``,
+    ``normalize`` and ``regularize``), the Gramian is first divided by its trace and regularised
+    by ``reg_eps * I`` with ``reg_eps = 1e-4`` to make it positive definite; a Gramian whose trace
+    is below ``norm_eps = 1e-4`` is replaced by zeros, so the projections leave the preference
+    ``1/T`` unchanged and the update is the *mean* gradient (small, since its trace is below
+    ``norm_eps``), not zero. Heads get their plain gradients (torchjd's ``mtl_backward``).
+    Stateless.
     """
 
     def __init__(

@@ -1,10 +1,12 @@
 """Step time and peak memory of every balancer relative to equal weighting, in one run.
 
 One training step is what the trainer does: ``forward -> per-task losses -> balancer.backward ->
-optimizer.step`` (Adam, the library's default optimizer; ``.grad`` set to None before the step,
-as the trainer does). Every registered balancer runs with its published defaults on the same
-hard-sharing model (HPS, light heads) and the same random batch of 8; the model's weights are
-restored before every step, so every step sees the same numbers. Configurations: the tiny
+optimizer.step -> balancer.after_step`` (Adam, the library's default optimizer; ``.grad`` set to
+None before the step, as the trainer does; ``after_step`` runs the closures the balancer asks
+for, e.g. FAMO's second forward pass on the same batch). Every registered balancer runs with
+its published defaults on the same hard-sharing model (HPS, light heads) and the same random
+batch of 8; the model's weights are restored before every step, so every step sees the same
+numbers. Configurations: the tiny
 backbone at 64x80 and ResNet-18 (torchvision's, output stride 32) at 96x128, each with 3 tasks
 (semseg, depth, normals) and 10 tasks (those kinds again under the names semseg2, depth2, ...).
 The CPU runs on one thread by default (``threads``).
@@ -43,15 +45,17 @@ Example::
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import math
+import os
 import random
 import statistics
 import sys
 import time
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field
-from typing import Any
+from typing import Any, TextIO
 
 import torch
 from torch import nn
@@ -168,11 +172,18 @@ class _Runner:
         if hasattr(self.model, "representation"):
             self.model.representation = None
 
+    def losses(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        preds = self.model(batch["image"])
+        return torch.stack([t.loss(preds[n], batch[n]) for n, t in self.tasks.items()])
+
     def step(self) -> torch.Tensor:
-        preds = self.model(self.batch["image"])
-        losses = torch.stack([t.loss(preds[n], self.batch[n]) for n, t in self.tasks.items()])
+        from ..engine.closures import StepContext, after_step
+
+        losses = self.losses(self.batch)
         self.balancer.backward(losses, self.model)
         self.optimizer.step()
+        # what the trainer does next: the closures the balancer asked for (FAMO's extra forward)
+        after_step(self.balancer, StepContext(self.batch, self.losses))
         return losses.detach()
 
     def live_bytes(self) -> int:
@@ -208,6 +219,26 @@ def _timed(runner: _Runner, device: torch.device) -> float:
     return time.perf_counter() - t0
 
 
+@contextlib.contextmanager
+def _native_stderr_silenced() -> Iterator[None]:
+    """Point file descriptor 2 at /dev/null for the duration (Python's sys.stderr is flushed
+    first and keeps working once restored); native libraries' messages are dropped."""
+    try:
+        sys.stderr.flush()
+        saved = os.dup(2)
+    except (OSError, ValueError):  # no real fd 2 (embedded interpreters): nothing to silence
+        yield
+        return
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    try:
+        os.dup2(devnull, 2)
+        yield
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
+        os.close(devnull)
+
+
 def peak_step_bytes(fn: Callable[[], Any], device: torch.device) -> int:
     """Peak of (tensor bytes allocated - freed) while ``fn()`` runs (see the module doc)."""
     if device.type == "cuda":
@@ -219,7 +250,11 @@ def peak_step_bytes(fn: Callable[[], Any], device: torch.device) -> int:
         return max(0, torch.cuda.max_memory_allocated(device) - start)
     from torch.profiler import ProfilerActivity, profile
 
-    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+    # the profiler's C++ side writes a start/stop line (and an allocator warning) to fd 2 for
+    # every profiled step: hundreds of lines over a full benchmark, so they are swallowed
+    with _native_stderr_silenced(), profile(
+        activities=[ProfilerActivity.CPU], profile_memory=True
+    ) as prof:
         fn()
     events = [e for e in prof.profiler.kineto_results.events() if e.name() == "[memory]"]
     events.sort(key=lambda e: e.start_ns())
@@ -449,8 +484,9 @@ def format_table(result: dict[str, Any]) -> Any:
     return table
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    """``python benchmarks/balancing.py [--json] [--quick] [--steps N] ...``."""
+def main(argv: Sequence[str] | None = None, out: TextIO | None = None) -> int:
+    """``mtlcv bench balancing [--json] [--quick] [--steps N] ...``; the JSON or the table goes
+    to ``out`` (default stdout), progress to stderr."""
     ap = argparse.ArgumentParser(prog="mtlcv bench balancing", description=__doc__.split("\n")[0])
     ap.add_argument("--json", action="store_true", help="print the result as JSON")
     ap.add_argument("--quick", action="store_true", help="tiny backbone only, few steps")
@@ -469,9 +505,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     if args.json:
-        print(json.dumps(res, indent=2))
+        print(json.dumps(res, indent=2), file=out or sys.stdout)
     else:
         from rich.console import Console
 
-        Console().print(format_table(res))
+        Console(file=out).print(format_table(res))
     return 0

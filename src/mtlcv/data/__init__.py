@@ -2,8 +2,15 @@
 
 from __future__ import annotations
 
-from . import nyuv2, scenes  # noqa: F401  (register)
-from .base import MTLDataset
+from . import (  # noqa: F401  (register)
+    cityscapes,
+    multidigits,
+    nyuv2,
+    office,
+    pascal_context,
+    scenes,
+)
+from .base import MTLDataset, collate
 from .scenes import ScenesDataset, render, write_cache
 
-__all__ = ["MTLDataset", "ScenesDataset", "render", "write_cache"]
+__all__ = ["MTLDataset", "ScenesDataset", "collate", "render", "write_cache"]

@@ -1,4 +1,4 @@
-"""``mtlcv data check PATH``: validate a NYUv2 dataset folder or file before training on it.
+"""``mtlcv data check PATH``: validate a dataset folder or file before training on it.
 
 The layout is detected from ``PATH`` (or given as ``kind``, a dataset name):
 
@@ -6,7 +6,15 @@ The layout is detected from ``PATH`` (or given as ``kind``, a dataset name):
   holding ``{i}.npy`` (mtan's release);
 * ``nyuv2-mat`` — ``nyu_depth_v2_labeled.mat`` (or a folder holding it), plus ``splits.mat``
   next to it when present;
-* ``nyuv2-fixture`` — the fixture folder or its ``nyuv2_mini_real.npz``.
+* ``nyuv2-fixture`` — the fixture folder or its ``nyuv2_mini_real.npz``;
+* ``cityscapes`` (the preprocessed ``.npy`` release), ``cityscapes-official`` (the
+  ``leftImg8bit/gtFine/disparity`` folders), ``pascal-context`` (the survey's ``PASCAL_MT``),
+  ``office-31`` and ``office-home`` (image folders): every sample of every split is read through
+  the dataset's own loader, whose checks name the file (:func:`_samples`);
+* ``scenes`` — a scenes cache folder (``meta.json`` + ``{train,val,test}.npz``, written by
+  ``mtlcv data scenes`` or on first use): every split loads with the shapes meta.json gives,
+  labels, depth, normals, edges and room types hold valid values, and every detection box has
+  a positive width and height, finite coordinates inside the image and a class in [0, 10).
 
 Every file is read: layout, counts (the same indices in every modality), shapes, dtypes and
 value ranges (depth finite and ≥ 0, normals of length 1 or 0, labels in [0, 13) or ignore).
@@ -15,22 +23,28 @@ Each problem is one line naming the file; nothing stops at the first one.
 
 from __future__ import annotations
 
+import zipfile
+import zlib
 from pathlib import Path
 
 import h5py
 import numpy as np
+import torch
 
 from ..errors import ConfigError, DataError
 from .nyuv2.common import as_depth, as_image, as_labels, as_normals, load_npy
 from .nyuv2.fixture import FILE, TEST_LABELS, load_fixture
 from .nyuv2.folder import FOLDERS, LAYOUT, list_indices
 from .nyuv2.mat import NUM_RAW_CLASSES, check_labeled_file, load_splits
+from .office import DOMAINS
 
-KINDS = ("nyuv2", "nyuv2-mat", "nyuv2-fixture")
+KINDS = ("nyuv2", "nyuv2-mat", "nyuv2-fixture", "scenes", "cityscapes",
+         "cityscapes-official", "pascal-context", "office-31", "office-home")
 #: share of valid normal pixels allowed a length that is neither 0 nor 1 (± 0.1): resized
 #: releases blend a few pixels at the border of missing regions
 NORMAL_TOLERANCE = 0.01
 CHUNK = 16  # frames read at once from the .mat file
+SCENES_SPLITS = ("train", "val", "test")
 CHECKS = {"image": as_image, "semseg": as_labels, "depth": as_depth, "normals": as_normals}
 
 
@@ -38,12 +52,28 @@ def detect(path: Path) -> str | None:
     """The layout ``path`` looks like, or None."""
     if path.is_file():
         return {".mat": "nyuv2-mat", ".npz": "nyuv2-fixture"}.get(path.suffix)
+    if (path / "meta.json").is_file() and (path / "train.npz").is_file():
+        return "scenes"
+    if (path / "leftImg8bit").is_dir() or (path / "gtFine").is_dir():
+        return "cityscapes-official"
+    if (path / "JPEGImages").is_dir() and (path / "ImageSets").is_dir():
+        return "pascal-context"
+    for kind in ("office-31", "office-home"):
+        if all((path / d).is_dir() for d in DOMAINS[kind]):
+            return kind
+    for split in ("train", "val"):
+        s = path / split
+        if (s / "depth").is_dir() and not (s / "normal").is_dir() and any(
+                (s / n).is_dir() for n in ("label_7", "label_19", "label")):
+            return "cityscapes"
     if (path / "train").is_dir() or (path / "val").is_dir():
         return "nyuv2"
     if (path / FILE).is_file():
         return "nyuv2-fixture"
     if (path / "nyu_depth_v2_labeled.mat").is_file():
         return "nyuv2-mat"
+    if (path / "meta.json").is_file() or any((path / f"{s}.npz").is_file() for s in SCENES_SPLITS):
+        return "scenes"  # an incomplete cache: the check says what is missing
     return None
 
 
@@ -137,6 +167,60 @@ def _mat(path: Path) -> tuple[list[str], str]:
     return problems, f"nyuv2-mat layout, {n} frames at {h}×{w}; {note}"
 
 
+def _scenes(root: Path) -> tuple[list[str], str]:
+    """A scenes cache: meta.json, every split's arrays (shapes), their values and the boxes."""
+    from ..tasks.detection import check_boxes
+    from .scenes import DET_CLASSES, ROOM_TYPES, _load_split, _read_meta
+
+    if root.is_file():
+        root = root.parent
+    try:
+        meta = _read_meta(root)
+    except DataError as e:
+        return [str(e)], "scenes cache"
+    h, w = meta["size"]
+    problems, counts, total = [], [], 0
+    classes = len(meta.get("classes", ())) or 13
+    for split in SCENES_SPLITS:
+        try:
+            a = _load_split(root, split, meta)
+        except (DataError, KeyError) as e:
+            problems.append(str(e) if isinstance(e, DataError) else f"{root}: meta.json has no "
+                            f"split {split!r}")
+            continue
+        counts.append(f"{split} {len(a['classification'])}")
+        where = root / f"{split}.npz"
+        seg = a["semseg"]
+        bad = seg[(seg != 255) & (seg >= classes)]
+        if bad.size:
+            problems.append(f"{where}: semseg label {int(bad[0])} is outside [0, {classes})")
+        depth = a["depth"]
+        if not np.isfinite(depth).all() or (depth <= 0).any():
+            problems.append(f"{where}: depth has non-finite or non-positive values")
+        for k in range(len(a["normals"])):
+            line = normal_lengths(a["normals"][k].transpose(1, 2, 0), f"{where} image {k}")
+            if line:
+                problems.append(line)
+                break
+        if not np.isin(a["edges"], (0, 1)).all():
+            problems.append(f"{where}: edges hold values other than 0 and 1")
+        rooms = a["classification"]
+        if rooms.size and (rooms.min() < 0 or rooms.max() >= len(ROOM_TYPES)):
+            problems.append(f"{where}: room type outside [0, {len(ROOM_TYPES)})")
+        ends = np.cumsum(a["box_count"])
+        for i, (start, stop) in enumerate(zip(ends - a["box_count"], ends)):
+            boxes, labels = a["boxes"][start:stop], a["box_class"][start:stop]
+            at = f"{where} image {i}"
+            problems += check_boxes(boxes, labels, len(DET_CLASSES), at)
+            outside = (boxes[:, :2] < 0).any(1) | (boxes[:, 2] > w) | (boxes[:, 3] > h)
+            problems += [f"{at}: box {j} {boxes[j].tolist()} leaves the {h}x{w} image"
+                         for j in np.flatnonzero(outside)]
+        total += len(a["boxes"])
+    summary = (f"scenes cache, {meta['n']} images at {h}×{w}, seed {meta['seed']}; "
+               f"{', '.join(counts) or 'no split readable'}; {total} boxes")
+    return problems, summary
+
+
 def _labels_range(a: np.ndarray, k: int, where: str) -> str | None:
     bad = a[(a != 255) & (a >= k)]
     return f"{where}: label id {int(bad[0])} is outside [0, {k}) and not 255" if bad.size else None
@@ -180,9 +264,39 @@ def _fixture(path: Path) -> tuple[list[str], str]:
             if line:
                 problems.append(line)
             summary += f"; {TEST_LABELS}: {len(seg13)} test label maps"
-        except (ValueError, OSError, EOFError, KeyError) as e:
+        except (ValueError, OSError, EOFError, KeyError, zipfile.BadZipFile, zlib.error) as e:
             problems.append(f"{labels}: unreadable ({e})")
     return problems, summary
+
+
+def _samples(kind: str, path: Path) -> tuple[list[str], str]:
+    """Read every sample of the train and val splits through the dataset's loader; one line per
+    failing sample (the loader's DataError names the file and the problem)."""
+    from ..registry import DATASETS
+
+    problems, counts = [], []
+    opts: dict = {"balance": False} if kind.startswith("office") else {}
+    if kind == "cityscapes":
+        labels = {p.name for s in ("train", "val") for p in (path / s).glob("label*")}
+        opts["num_classes"] = 7 if {"label_7", "label"} & labels else 19
+    for split in ("train", "val"):
+        try:
+            ds = DATASETS.create(kind, split=split, root=str(path), **opts)
+        except (DataError, ConfigError) as e:
+            problems.append(str(e))
+            continue
+        bad = 0
+        for i in range(len(ds)):
+            try:
+                sample = ds[i]
+            except (DataError, ConfigError) as e:
+                problems.append(str(e))
+                bad += 1
+                continue
+            if not bool(torch.isfinite(sample["image"]).all()):
+                problems.append(f"{kind} {split} item {i}: image has NaN or infinite values")
+        counts.append(f"{split} {len(ds)}" + (f" ({bad} bad)" if bad else ""))
+    return problems, f"{kind} layout, samples: {', '.join(counts) or 'none'}"
 
 
 def _check(path: str | Path, kind: str | None) -> tuple[list[str], str]:
@@ -195,16 +309,20 @@ def _check(path: str | Path, kind: str | None) -> tuple[list[str], str]:
     if kind is None:
         return [
             f"{path}: cannot tell the layout; expected a folder with train/ and val/ ({LAYOUT}), "
-            f"nyu_depth_v2_labeled.mat, or the fixture's {FILE}"
+            f"nyu_depth_v2_labeled.mat, the fixture's {FILE}, a scenes cache, Cityscapes, "
+            "PASCAL-Context or Office folders (or give --kind)"
         ], "nothing checked"
-    return {"nyuv2": _folder, "nyuv2-mat": _mat, "nyuv2-fixture": _fixture}[kind](path)
+    checks = {"nyuv2": _folder, "nyuv2-mat": _mat, "nyuv2-fixture": _fixture, "scenes": _scenes}
+    if kind in checks:
+        return checks[kind](path)
+    return _samples(kind, path)
 
 
 def check_dataset(path: str | Path, kind: str | None = None) -> list[str]:
     """Every problem found in the dataset at ``path`` (one line each; empty when it is fine).
 
-    ``kind`` is a dataset name (``nyuv2``, ``nyuv2-mat``, ``nyuv2-fixture``); by default the
-    layout is detected from ``path``.
+    ``kind`` is a dataset name (one of :data:`KINDS`); by default the layout is detected from
+    ``path``.
     """
     return _check(path, kind)[0]
 

@@ -11,7 +11,15 @@ renderer). Its targets come from the same geometry as its pixels, so they are ex
 * ``normals``: unit normals in the camera frame (x right, y down, z forward), facing the camera;
 * ``edges``: 1 where a pixel's instance (the primitive hit) differs from a 4-neighbour's;
 * ``classification``: the room type (0 bedroom, 1 living room, 2 office, 3 dining room), which
-  decides the furniture a room holds.
+  decides the furniture a room holds;
+* ``detection``: one box per visible object (:class:`~mtlcv.tasks.detection.Boxes`): the tight
+  box ``(x1, y1, x2, y2)`` in pixels of its visible pixels (a modal box, as COCO's), and its
+  class among the 10 NYUv2-13 classes that are objects (:data:`DET_CLASSES`: 0 bed, 1 books,
+  2 chair, 3 furniture, 4 objects, 5 picture, 6 sofa, 7 table, 8 tv, 9 window; wall, floor and
+  ceiling are stuff). An object is one piece of furniture with all its parts (a bed's frame,
+  cover and pillow; a table's top and legs), one thing standing on it, one row of books, one
+  picture, window or lamp. Objects with fewer than :data:`MIN_PIXELS` visible pixels are left
+  out (too little of them is seen to tell what they are).
 
 Images are deterministic functions of ``(seed, index)``. A cache of ``n`` images is rendered once
 (:func:`write_cache`, or ``mtlcv data scenes``) and split into train/val/test; the dataset reads a
@@ -26,6 +34,7 @@ Example:
 from __future__ import annotations
 
 import json
+import math
 import os
 import zipfile
 import zlib
@@ -39,14 +48,24 @@ import torch
 
 from ..errors import ConfigError, DataError
 from ..registry import DATASETS
+from ..tasks.detection import Boxes
 from .base import MTLDataset
 from .scenes_render import CLASSES, HFOV_DEG, ROOM_TYPES, focal, render_batch, sample_scene
 from .transforms import hflip
 
-__all__ = ["CLASSES", "ROOM_TYPES", "ScenesDataset", "default_root", "render", "scenes",
-           "write_cache"]
+__all__ = ["CLASSES", "DET_CLASSES", "ROOM_TYPES", "ScenesDataset", "default_root", "render",
+           "scenes", "write_cache"]
 
-FORMAT = 1
+#: cache format; 2 added the detection boxes (a format-1 cache is re-rendered or refused)
+FORMAT = 2
+#: the NYUv2-13 classes that are objects, in the order of their detection class ids
+DET_CLASSES = ("bed", "books", "chair", "furniture", "objects", "picture", "sofa", "table", "tv",
+               "window")
+#: NYUv2-13 id -> detection class id (-1: stuff)
+DET_OF_CLASS = np.array([DET_CLASSES.index(c) if c in DET_CLASSES else -1 for c in CLASSES])
+#: visible pixels an object needs to get a box
+MIN_PIXELS = 8
+BOX_KEYS = ("boxes", "box_class", "box_object", "box_count")
 SPLITS = ("train", "val", "test")
 _BATCH = 32  # images ray-cast together at most; the output does not depend on it
 _WORKERS = max(1, min(4, os.cpu_count() or 1))
@@ -76,6 +95,39 @@ def _edges(inst: torch.Tensor) -> torch.Tensor:
     return e
 
 
+def object_boxes(objects: torch.Tensor, semseg: torch.Tensor,
+                 min_pixels: int = MIN_PIXELS) -> dict[str, np.ndarray]:
+    """Tight boxes of the objects in object-id maps ``objects`` [N,H,W] (0 = no object).
+
+    Returns flat arrays over all images, image by image and by object id: ``boxes`` float32
+    [M,4] ``(x1, y1, x2, y2)`` in pixel edges (pixel ``(r, c)`` covers ``[c, c+1) x [r, r+1)``),
+    ``box_class`` uint8 [M] (detection class id of the object's NYUv2-13 class in ``semseg``),
+    ``box_object`` int32 [M] (the object id) and ``box_count`` int64 [N] (boxes per image).
+    """
+    n, h, w = objects.shape
+    obj = objects.long()
+    k = int(obj.max()) + 1 if obj.numel() else 1
+    key = (obj + k * torch.arange(n)[:, None, None]).reshape(-1)
+    cols = torch.arange(w).expand(n, h, w).reshape(-1)
+    rows = torch.arange(h)[:, None].expand(n, h, w).reshape(-1)
+    pixels = torch.bincount(key, minlength=n * k)
+
+    def reduce(v: torch.Tensor, how: str, fill: int) -> torch.Tensor:
+        out = torch.full((n * k,), fill, dtype=torch.long)
+        return out.scatter_reduce_(0, key, v, how, include_self=False)
+
+    x1, x2 = reduce(cols, "amin", w), reduce(cols, "amax", -1) + 1
+    y1, y2 = reduce(rows, "amin", h), reduce(rows, "amax", -1) + 1
+    cls = reduce(semseg.reshape(-1).long(), "amax", 0)
+    det = torch.as_tensor(DET_OF_CLASS)[cls]
+    keep = (pixels >= max(1, min_pixels)) & (torch.arange(n * k) % k > 0) & (det >= 0)
+    idx = keep.nonzero()[:, 0]
+    return {"boxes": torch.stack([x1, y1, x2, y2], 1)[idx].to(torch.float32).numpy(),
+            "box_class": det[idx].to(torch.uint8).numpy(),
+            "box_object": (idx % k).to(torch.int32).numpy(),
+            "box_count": torch.bincount(idx // k, minlength=n).numpy().astype(np.int64)}
+
+
 def _render_range(start: int, stop: int, size: tuple[int, int], seed: int,
                   meta: bool = False) -> dict[str, np.ndarray]:
     """Images ``start .. stop-1`` of the sequence defined by ``seed`` (one batch)."""
@@ -89,9 +141,11 @@ def _render_range(start: int, stop: int, size: tuple[int, int], seed: int,
             "normals": r["normals"].contiguous().numpy(),
             "edges": _edges(r["instance"])[:, None].to(torch.float32).numpy(),
             "classification": np.array([s.room_type for s in scenes_], np.int64),
+            **object_boxes(r["objects"], r["semseg"]),
         }
         if meta:
             out |= {"instance": r["instance"].to(torch.int32).numpy(),
+                    "objects": r["objects"].to(torch.int32).numpy(),
                     "surface": r["surface"].to(torch.int32).numpy(),
                     "planar": r["planar"].numpy(),
                     "rotation": np.stack([s.rot for s in scenes_]).astype(np.float32),
@@ -127,12 +181,15 @@ def render(n: int, size: Sequence[int] = (96, 128), seed: int = 0, return_meta: 
     """Render images ``start .. start+n-1`` of the scene sequence of ``seed``; arrays are N-first.
 
     Returns ``image`` uint8 [N,3,H,W], ``semseg`` uint8 [N,H,W], ``depth`` float32 [N,1,H,W],
-    ``normals`` float32 [N,3,H,W], ``edges`` float32 [N,1,H,W] and ``classification`` int64 [N].
+    ``normals`` float32 [N,3,H,W], ``edges`` float32 [N,1,H,W], ``classification`` int64 [N]
+    and the detection boxes of all images, flat (see :func:`object_boxes`): ``boxes`` float32
+    [M,4], ``box_class`` uint8 [M], ``box_object`` int32 [M] and ``box_count`` int64 [N].
     With ``return_meta`` also: ``instance`` int32 [N,H,W] (0..5 the room's faces, then one id
-    per primitive), ``surface`` int32 [N,H,W] (one id per face of a primitive), ``planar`` bool
-    [N,H,W], ``rotation`` float32 [N,3,3] (camera-to-world; the world's y axis points up),
-    ``camera`` and ``room`` float32 [N,3] (camera centre; room width, height, depth) and the
-    intrinsics ``K`` float32 [3,3] (pixel centres at integer + 0.5).
+    per primitive), ``objects`` int32 [N,H,W] (the object id of every pixel, 0 = the room; a
+    box's ``box_object``), ``surface`` int32 [N,H,W] (one id per face of a primitive),
+    ``planar`` bool [N,H,W], ``rotation`` float32 [N,3,3] (camera-to-world; the world's y axis
+    points up), ``camera`` and ``room`` float32 [N,3] (camera centre; room width, height,
+    depth) and the intrinsics ``K`` float32 [3,3] (pixel centres at integer + 0.5).
     """
     h, w = _check(n, size, seed)
     if isinstance(start, bool) or not isinstance(start, (int, np.integer)) or start < 0:
@@ -168,10 +225,28 @@ def default_root(n: int, size: Sequence[int], seed: int) -> Path:
 def write_cache(out_dir: str | os.PathLike, n: int = 600, size: Sequence[int] = (96, 128),
                 seed: int = 0, splits: Sequence[float] = (0.8, 0.1, 0.1),
                 progress: bool = True) -> Path:
+    """Render ``n`` images into the cache folder ``out_dir`` (see :func:`_write_cache`); a
+    file-system failure (a file in the way, a read-only or full disk) is a one-line DataError
+    naming the folder, and leaves no partial file behind."""
+    out = Path(out_dir).expanduser()
+    if out.exists() and not out.is_dir():
+        raise DataError(f"scenes cache '{out}' is a file, not a folder; choose another folder")
+    try:
+        return _write_cache(out, n, size, seed, splits, progress)
+    except OSError as exc:
+        from ..engine.checkpoint import _reason
+
+        raise DataError(f"cannot write the scenes cache '{out}': {_reason(exc)}") from None
+
+
+def _write_cache(out_dir: str | os.PathLike, n: int = 600, size: Sequence[int] = (96, 128),
+                 seed: int = 0, splits: Sequence[float] = (0.8, 0.1, 0.1),
+                 progress: bool = True) -> Path:
     """Render ``n`` images and write ``train.npz``, ``val.npz``, ``test.npz`` and ``meta.json``.
 
-    Arrays are stored losslessly (image and semseg uint8, depth and normals float32, edges uint8;
-    about 75 kB per 96x128 image, compressed), so the ground truth read back is bit-exact.
+    Arrays are stored losslessly (image and semseg uint8, depth and normals float32, edges uint8,
+    the boxes flat as :func:`render` returns them; about 75 kB per 96x128 image, compressed), so
+    the ground truth read back is bit-exact.
 
     Splits are consecutive index ranges (train first). Each file is written under a temporary
     name and renamed when complete, and ``meta.json`` is written last, so an interrupted write
@@ -209,10 +284,14 @@ def write_cache(out_dir: str | os.PathLike, n: int = 600, size: Sequence[int] = 
             bar.stop()
     meta = {"dataset": "scenes", "format": FORMAT, "n": n, "size": [h, w], "seed": seed,
             "splits": sizes, "classes": list(CLASSES), "room_types": list(ROOM_TYPES),
+            "det_classes": list(DET_CLASSES), "min_pixels": MIN_PIXELS,
             "hfov_deg": HFOV_DEG, "focal_px": focal(w)}
     tmp = out / f".meta.{os.getpid()}.tmp.json"
-    tmp.write_text(json.dumps(meta, indent=1))
-    os.replace(tmp, out / "meta.json")
+    try:
+        tmp.write_text(json.dumps(meta, indent=1))
+        os.replace(tmp, out / "meta.json")
+    finally:
+        tmp.unlink(missing_ok=True)
     return out
 
 
@@ -232,7 +311,34 @@ def _read_meta(root: Path) -> dict[str, Any]:
     if meta.get("format") != FORMAT:
         raise DataError(f"cache '{root}' has format {meta.get('format')!r}, this version reads "
                         f"format {FORMAT}; delete it to re-render")
+    problem = _bad_meta(meta)
+    if problem:
+        raise DataError(f"cache file '{path}' is inconsistent ({problem}); delete the folder or "
+                        f"run `mtlcv data scenes --out {root}`")
     return meta
+
+
+def _count(v: Any) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool) and v >= 0
+
+
+def _bad_meta(meta: dict[str, Any]) -> str | None:
+    """What is wrong with a cache's meta.json fields, or None."""
+    size, splits = meta["size"], meta["splits"]
+    if not (isinstance(size, list) and len(size) == 2 and all(_count(s) and s > 0 for s in size)):
+        return f"size {size!r} is not [H, W]"
+    if not (isinstance(splits, dict) and all(_count(splits.get(s)) for s in SPLITS)):
+        return f"splits {splits!r} is not a count per split ({', '.join(SPLITS)})"
+    if not _count(meta["n"]) or not isinstance(meta["seed"], int):
+        return f"n {meta['n']!r} or seed {meta['seed']!r} is not an integer"
+    return None
+
+
+def _format(root: Path) -> Any:
+    try:
+        return json.loads((root / "meta.json").read_text()).get("format")
+    except (OSError, ValueError, AttributeError):
+        return None
 
 
 def _load_split(root: Path, split: str, meta: dict[str, Any]) -> dict[str, np.ndarray]:
@@ -246,15 +352,61 @@ def _load_split(root: Path, split: str, meta: dict[str, Any]) -> dict[str, np.nd
         raise DataError(f"cache file '{path}' is missing; {hint}")
     try:
         with np.load(path) as z:
-            arrays = {k: z[k] for k in shapes}
+            arrays = {k: z[k] for k in (*shapes, *BOX_KEYS)}
     except (OSError, ValueError, EOFError, KeyError, zipfile.BadZipFile, zlib.error) as e:
         raise DataError(f"cache file '{path}' is corrupt or truncated ({type(e).__name__}: "
                         f"{str(e)[:80]}); {hint}") from None
+    count = arrays["box_count"]
+    if count.dtype != np.int64:  # before summing it: a float count may be NaN
+        raise DataError(f"cache file '{path}': box_count has dtype {count.dtype}, expected "
+                        f"int64; {hint}")
+    m = int(count.sum()) if count.shape == (n,) else -1
+    shapes |= {"box_count": (n,), "boxes": (m, 4), "box_class": (m,), "box_object": (m,)}
     for k, shape in shapes.items():
         if arrays[k].shape != shape:
             raise DataError(f"cache file '{path}': {k} has shape {arrays[k].shape}, expected "
                             f"{shape}; {hint}")
+    problem = _bad_values(arrays)
+    if problem:
+        raise DataError(f"cache file '{path}': {problem}; {hint}")
     return arrays
+
+
+def _bad_values(a: dict[str, np.ndarray]) -> str | None:
+    """What is wrong with a split's arrays (dtypes, label ranges, depth, boxes), or None."""
+    want = {"image": np.uint8, "semseg": np.uint8, "depth": np.float32, "normals": np.float32,
+            "classification": np.int64, "boxes": np.float32, "box_class": np.uint8,
+            "box_object": np.int32, "box_count": np.int64}
+    for k, dt in want.items():
+        if a[k].dtype != dt:
+            return f"{k} has dtype {a[k].dtype}, expected {np.dtype(dt).name}"
+    seg = a["semseg"]
+    bad = seg[(seg >= len(CLASSES)) & (seg != 255)]
+    if bad.size:
+        return f"semseg holds label {int(bad[0])}, outside [0, {len(CLASSES)}) and not 255"
+    cls = a["classification"]
+    bad = cls[(cls < 0) | (cls >= len(ROOM_TYPES))]
+    if bad.size:
+        return f"classification holds label {int(bad[0])}, outside [0, {len(ROOM_TYPES)})"
+    if not set(np.unique(a["edges"]).tolist()) <= {0, 1, 255}:
+        return "edges holds values other than 0, 1 and 255"
+    depth = a["depth"]
+    if depth.size and not (depth > 0).any():
+        return "depth has no positive value (every pixel would be missing: a depth loss of 0)"
+    if np.isinf(depth).any():
+        return "depth holds infinite values"
+    if not np.isfinite(a["normals"]).all():
+        return "normals hold NaN or infinite values"
+    return _bad_boxes(a)
+
+
+def _bad_boxes(a: dict[str, np.ndarray]) -> str | None:
+    """What is wrong with how a split's detection boxes are laid out, or None. Their values
+    (sizes, classes, coordinates) are the detection task's to check, per image and with every
+    problem listed, in ``mtlcv data check`` and in every batch (``Detection.check_target``)."""
+    if (a["box_count"] < 0).any():
+        return f"box_count holds {int(a['box_count'].min())}, a negative number of boxes"
+    return None
 
 
 # ----------------------------------------------------------------------------- the dataset
@@ -263,10 +415,12 @@ def _load_split(root: Path, split: str, meta: dict[str, Any]) -> dict[str, np.nd
 class ScenesDataset(MTLDataset):
     """One split of a scenes cache, held in memory; items follow the batch contract."""
 
-    targets = ("semseg", "depth", "normals", "edges", "classification")
+    targets = ("semseg", "depth", "normals", "edges", "classification", "detection")
     task_options = {"semseg": {"num_classes": len(CLASSES)},
-                    "classification": {"num_classes": len(ROOM_TYPES)}}
-    class_names = {"semseg": tuple(CLASSES), "classification": tuple(ROOM_TYPES)}
+                    "classification": {"num_classes": len(ROOM_TYPES)},
+                    "detection": {"num_classes": len(DET_CLASSES)}}
+    class_names = {"semseg": list(CLASSES), "classification": list(ROOM_TYPES),
+                   "detection": list(DET_CLASSES)}
 
     def __init__(self, root: str | os.PathLike, split: str = "train",
                  augment: bool = False, n_train: int | None = None) -> None:
@@ -283,7 +437,12 @@ class ScenesDataset(MTLDataset):
                 raise ConfigError(f"scenes option 'n_train': expected 1 to {have} (the training "
                                   f"images of the cache, n={self.meta['n']}), got {n_train!r}")
             if split == "train":
-                self.arrays = {k: v[:n_train] for k, v in self.arrays.items()}
+                # per-image arrays by image; the flat box arrays up to the last kept image's boxes
+                n_boxes = int(self.arrays["box_count"][:n_train].sum())
+                self.arrays = {k: v[:n_boxes] if k in BOX_KEYS[:3] else v[:n_train]
+                               for k, v in self.arrays.items()}
+        counts = self.arrays["box_count"]
+        self.box_start = torch.cumsum(counts, 0) - counts
 
     def __len__(self) -> int:
         return len(self.arrays["classification"])
@@ -292,10 +451,17 @@ class ScenesDataset(MTLDataset):
         a = self.arrays
         item = {"image": a["image"][i].float() / 255, "semseg": a["semseg"][i].long(),
                 "depth": a["depth"][i].clone(), "normals": a["normals"][i].clone(),
-                "edges": a["edges"][i].float(), "classification": a["classification"][i].clone()}
+                "edges": a["edges"][i].float(), "classification": a["classification"][i].clone(),
+                "detection": self.boxes(i)}
         if self.augment and torch.rand(()) < 0.5:  # torch RNG: torch.manual_seed reproduces it
             item = hflip(item)
         return item
+
+    def boxes(self, i: int) -> Boxes:
+        """The detection target of image ``i``."""
+        a, start = self.arrays, int(self.box_start[i])
+        stop = start + int(a["box_count"][i])
+        return Boxes(a["boxes"][start:stop].clone(), a["box_class"][start:stop].long())
 
 
 @DATASETS.register("scenes", help="procedural indoor scenes (embedded, rendered to a cache)")
@@ -312,8 +478,15 @@ def scenes(split: str = "train", root: str | None = None, augment: bool = False,
         raise ConfigError(f"scenes: unknown split {split!r}; valid: {', '.join(SPLITS)}")
     h, w = _check(n, size, seed)
     folder = Path(root).expanduser() if root is not None else default_root(n, (h, w), seed)
+    if folder.exists() and not folder.is_dir():
+        raise DataError(f"data.root '{folder}' is a file; expected a scenes cache folder (or a "
+                        "folder to render one into)")
     if not (folder / "meta.json").is_file():
         print(f"scenes: no cache in {folder}; rendering {n} images at {h}x{w} (seed {seed}) once")
+        write_cache(folder, n=n, size=(h, w), seed=seed, progress=True)
+    elif root is None and _format(folder) != FORMAT:  # the default cache is ours to renew
+        print(f"scenes: the cache in {folder} has format {_format(folder)!r}, this version "
+              f"reads format {FORMAT}; rendering it again")
         write_cache(folder, n=n, size=(h, w), seed=seed, progress=True)
     meta = _read_meta(folder)
     have = (meta["n"], list(meta["size"]), meta["seed"])
@@ -322,3 +495,57 @@ def scenes(split: str = "train", root: str | None = None, augment: bool = False,
                         f"seed={have[2]} but n={n}, size={h}x{w}, seed={seed} was asked for; "
                         "match data.options to it, or point data.root at another folder")
     return ScenesDataset(folder, split, augment, n_train)
+
+
+# ----------------------------------------------------------------------------- object crops
+
+
+class ScenesObjects(MTLDataset):
+    """Image classification of the scenes' objects: one item per box of a split, the box (with a
+    ``margin`` on each side, clipped to the image) resized to ``crop`` x ``crop`` pixels,
+    labelled with its detection class (:data:`DET_CLASSES`). The small-image problem LeNet-5
+    was made for, drawn from the same scenes as the dense tasks. Boxes smaller than
+    ``min_side`` pixels on a side are left out."""
+
+    targets = ("classification",)
+    task_options = {"classification": {"num_classes": len(DET_CLASSES)}}
+
+    def __init__(self, scenes_split: ScenesDataset, augment: bool = False, crop: int = 32,
+                 margin: float = 0.1, min_side: int = 4) -> None:
+        self.scenes, self.augment, self.crop, self.margin = scenes_split, augment, crop, margin
+        a = scenes_split.arrays
+        wh = a["boxes"][:, 2:] - a["boxes"][:, :2]
+        image = torch.repeat_interleave(torch.arange(len(a["box_count"])), a["box_count"])
+        keep = (wh >= min_side).all(1)
+        self.items = torch.stack([image, torch.arange(len(image))], 1)[keep]
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def __getitem__(self, k: int) -> dict[str, Any]:
+        i, j = (int(v) for v in self.items[k])
+        a = self.scenes.arrays
+        h, w = a["image"].shape[-2:]
+        x1, y1, x2, y2 = a["boxes"][j].tolist()
+        mx, my = self.margin * (x2 - x1), self.margin * (y2 - y1)
+        x1, y1 = max(0, int(x1 - mx)), max(0, int(y1 - my))
+        x2, y2 = min(w, int(math.ceil(x2 + mx))), min(h, int(math.ceil(y2 + my)))
+        image = a["image"][i, :, y1:y2, x1:x2].float() / 255
+        image = torch.nn.functional.interpolate(image[None], size=(self.crop, self.crop),
+                                                mode="bilinear", align_corners=False)[0]
+        item = {"image": image, "classification": a["box_class"][j].long()}
+        if self.augment and torch.rand(()) < 0.5:
+            item = hflip(item)
+        return item
+
+
+@DATASETS.register("scenes-objects", help="object crops of the scenes, classified (LeNet-size)")
+def scenes_objects(split: str = "train", root: str | None = None, augment: bool = False,
+                   n: int = 600, size: Sequence[int] = (96, 128), seed: int = 0, crop: int = 32,
+                   margin: float = 0.1, min_side: int = 4) -> ScenesObjects:
+    """Object crops of a scenes cache (made on first use, as for ``scenes``) as 10-class image
+    classification; ``crop`` is the side of the square crops (32: LeNet-5's input)."""
+    if isinstance(crop, bool) or not isinstance(crop, int) or crop < 4:
+        raise ConfigError(f"scenes-objects option 'crop': expected an integer >= 4, got {crop!r}")
+    return ScenesObjects(scenes(split, root, False, n, size, seed), augment, crop, margin,
+                         min_side)

@@ -38,9 +38,10 @@ HFOV_DEG = 60.0
 ROOM, BOX, SPHERE, CYL = 0, 1, 2, 3
 # textures
 PLAIN, STRIPES, CHECKER, NOISE, BANDS, PICTURE_TEX, WINDOW_TEX, SCREEN = range(8)
-# columns of a primitive row: kind, class, geometry (6), bounding box (6), material (13)
-KIND, CLS, GEOM, BBOX, C1, C2, TEX, FREQ, DIR, FRAME, EMIT = 0, 1, 2, 8, 14, 17, 20, 21, 22, 25, 26
-NCOL = 27
+# columns of a primitive row: kind, class, geometry (6), bounding box (6), material (13), object
+KIND, CLS, GEOM, BBOX, C1, C2, TEX, FREQ, DIR, FRAME, EMIT, OBJ = (0, 1, 2, 8, 14, 17, 20, 21, 22,
+                                                                  25, 26, 27)
+NCOL = 28
 N_ROOM = 6  # rows 0..5 of every scene are the room's faces: x=0, x=W, floor, ceiling, z=0, z=D
 
 
@@ -85,19 +86,31 @@ class _Builder:
     def __init__(self, rng: np.random.Generator, size: np.ndarray) -> None:
         self.rng, self.size = rng, size
         self.rows: list[np.ndarray] = []
+        self.objects = 0  # object ids 1, 2, ...; 0 is the room (stuff, not an object)
         self.feet: list[tuple[float, float, float, float]] = []  # occupied floor rectangles
         self.wall_items: list[tuple[int, float, float, float, float]] = []
 
-    def add(self, kind: int, cls: int, geom, bbox, mat: np.ndarray) -> None:
+    def add(self, kind: int, cls: int, geom, bbox, mat: np.ndarray, obj: int | None = None) -> None:
+        """Add one primitive; ``obj`` is its object id (None: a new object of its own)."""
+        if obj is None:
+            obj = self.new_object()
         row = np.zeros(NCOL)
         row[KIND], row[CLS] = kind, cls
         row[GEOM:GEOM + len(geom)] = geom
         row[BBOX:BBOX + 6] = bbox
-        row[C1:] = mat
+        row[C1:C1 + len(mat)] = mat
+        row[OBJ] = obj
         self.rows.append(row)
 
-    # an object is a list of parts in its local frame: ("box", lo, hi, cls, mat),
-    # ("sph", centre, r, cls, mat), ("cyl", (x, z), r, y0, y1, cls, mat)
+    def new_object(self) -> int:
+        self.objects += 1
+        return self.objects
+
+    # an item is a list of parts in its local frame: ("box", lo, hi, cls, mat),
+    # ("sph", centre, r, cls, mat), ("cyl", (x, z), r, y0, y1, cls, mat), each optionally
+    # followed by an object tag (see _tag). The untagged parts of one class form one object
+    # (a bed's frame, cover and pillow; a table's top and legs); tagged parts form the object
+    # of their tag (each cup on a table, each row of books, each chair around a table).
     def place(self, parts: list, x: float, z: float, k: int, check: bool = True,
               clearance: float = 0.08) -> bool:
         """Rotate ``parts`` by ``k`` quarter turns about y, move them to ``(x, z)`` and add them
@@ -125,7 +138,14 @@ class _Builder:
                         and foot[2] < g[3] + clearance and g[2] < foot[3] + clearance):
                     return False
             self.feet.append(foot)
+        objects: dict = {}
         for part in parts:
+            n = 7 if part[0] == "cyl" else 5
+            key = part[n] if len(part) > n else ("class", part[n - 2])
+            if key not in objects:
+                objects[key] = self.new_object()
+            obj = objects[key]
+            part = part[:n]
             if part[0] == "box":
                 _, lo, hi, cls, mat = part
                 x0, x1, z0, z1 = rect(lo[0], hi[0], lo[2], hi[2])
@@ -133,17 +153,17 @@ class _Builder:
                 mat = mat.copy()
                 dx, dz = mat[DIR - C1], mat[DIR - C1 + 2]
                 mat[DIR - C1], mat[DIR - C1 + 2] = dx * rx + dz * fx, dx * rz + dz * fz
-                self.add(BOX, cls, box, box, mat)
+                self.add(BOX, cls, box, box, mat, obj)
             elif part[0] == "sph":
                 _, (cx, cy, cz), rad, cls, mat = part
                 cx, cz = xz(cx, cz)
                 self.add(SPHERE, cls, (cx, cy, cz, rad),
-                         (cx - rad, cy - rad, cz - rad, cx + rad, cy + rad, cz + rad), mat)
+                         (cx - rad, cy - rad, cz - rad, cx + rad, cy + rad, cz + rad), mat, obj)
             else:
                 _, (cx, cz), rad, y0, y1, cls, mat = part
                 cx, cz = xz(cx, cz)
                 self.add(CYL, cls, (cx, cz, rad, y0, y1),
-                         (cx - rad, y0, cz - rad, cx + rad, y1, cz + rad), mat)
+                         (cx - rad, y0, cz - rad, cx + rad, y1, cz + rad), mat, obj)
         return True
 
     def against_wall(self, parts: list, half_w: float, half_d: float, tries: int = 12) -> bool:
@@ -194,6 +214,16 @@ class _Builder:
             self.add(BOX, cls, [*lo, *hi], [*lo, *hi], mat)
             return True
         return False
+
+
+class _Tag:
+    """Marks parts of one object (identity only; drawing one consumes no random numbers)."""
+
+
+def _tag(parts: list, tag: _Tag | None = None) -> list:
+    """``parts`` as one object: each part followed by the same fresh tag."""
+    tag = _Tag() if tag is None else tag
+    return [(*p, tag) for p in parts]
 
 
 def _wood(rng: np.random.Generator) -> np.ndarray:
@@ -289,7 +319,7 @@ def _small_objects(rng, x0, x1, z0, z1, y, count) -> list:
             parts.append(("box", (x - a, y, z - b), (x + a, y + rng.uniform(0.04, 0.15), z + b),
                           BOOKS, _mat(_fabric(rng), None, BANDS, rng.uniform(30, 50),
                                       (0.0, 1.0, 0.0))))
-    return parts
+    return [q for p in parts for q in _tag([p])]  # every thing is an object of its own
 
 
 def _bookshelf(rng) -> tuple[list, float, float]:
@@ -299,8 +329,8 @@ def _bookshelf(rng) -> tuple[list, float, float]:
     while y + 0.3 < h:  # rows of book spines just in front of the shelf's face
         top = y + rng.uniform(0.2, 0.28)
         x0, x1 = -w / 2 + 0.04, rng.uniform(0.0, w / 2 - 0.04)
-        parts.append(("box", (x0, y, d / 2 - 0.02), (x1, top, d / 2 + 0.015), BOOKS,
-                      _mat(_fabric(rng), None, BANDS, rng.uniform(18, 30))))
+        parts += _tag([("box", (x0, y, d / 2 - 0.02), (x1, top, d / 2 + 0.015), BOOKS,
+                        _mat(_fabric(rng), None, BANDS, rng.uniform(18, 30)))])  # one per row
         y += 0.36
     return parts, w / 2, d / 2 + 0.02
 
@@ -368,7 +398,7 @@ def sample_scene(rng: np.random.Generator) -> Scene:
     geom, bbox = np.concatenate([np.zeros(3), size]), np.concatenate([np.zeros(3), size])
     for cls, mat in ((WALL, wall), (WALL, wall), (FLOOR, floor), (CEILING, ceiling), (WALL, wall),
                      (WALL, wall)):
-        b.add(ROOM, cls, geom, bbox, mat)
+        b.add(ROOM, cls, geom, bbox, mat, obj=0)
 
     # the furniture that makes the room type
     if room_type == 0:  # bedroom
@@ -439,12 +469,13 @@ def sample_scene(rng: np.random.Generator) -> Scene:
             # a chair in the table's frame, turned to face the table
             cx, cz = [(0.0, gap), (gap, 0.0), (0.0, -gap), (-gap, 0.0)][side]
             (rx, rz), (fx, fz) = _QUARTER[(side + 2) % 4]
+            chair = _Tag()
             for p in _chair(rng, cm):
                 (x0, _, z0), (x1, _, z1) = p[1], p[2]
                 ax, az = cx + x0 * rx + z0 * fx, cz + x0 * rz + z0 * fz
                 bx, bz = cx + x1 * rx + z1 * fx, cz + x1 * rz + z1 * fz
                 chairs.append(("box", (min(ax, bx), p[1][1], min(az, bz)),
-                               (max(ax, bx), p[2][1], max(az, bz)), p[3], p[4]))
+                               (max(ax, bx), p[2][1], max(az, bz)), p[3], p[4], chair))
         # fewer chairs, then none, where the whole set does not fit
         for keep in (len(chairs), 12, 0):
             if b.free(group + chairs[:keep], max(tw, td) / 2 + 0.6 * (keep > 0), tries=10):
@@ -621,7 +652,8 @@ def _screen_tiles(bbox, cam, rot, f, h, w, tile, nty, ntx):
 def render_batch(scenes: list[Scene], height: int, width: int, cull: bool = True,
                  tile: int = 8, meta: bool = False) -> dict[str, torch.Tensor]:
     """Ray-cast a batch of scenes: ``image`` uint8 [B,3,H,W], ``semseg`` (float class ids)
-    [B,H,W], ``depth`` [B,H,W], ``normals`` [B,3,H,W], ``instance`` [B,H,W] and, with ``meta``,
+    [B,H,W], ``depth`` [B,H,W], ``normals`` [B,3,H,W], ``instance`` [B,H,W] (the primitive
+    hit), ``objects`` [B,H,W] (float object ids, 0 = the room) and, with ``meta``,
     ``surface`` and ``planar`` (see :func:`mtlcv.data.scenes.render`).
 
     Every operation is elementwise per image or an exact min, so an image does not depend on
@@ -751,7 +783,8 @@ def _shade(table, inst, depth, d, cam, rot, scenes, meta):
                    scenes)
     out = {"image": image.view(3, bsz, h, w).transpose(0, 1),
            "semseg": cols[CLS].index_select(0, prim).view(bsz, h, w), "depth": depth,
-           "normals": n_cam.view(3, bsz, h, w).transpose(0, 1), "instance": inst}
+           "normals": n_cam.view(3, bsz, h, w).transpose(0, 1), "instance": inst,
+           "objects": cols[OBJ].index_select(0, prim).view(bsz, h, w)}
     if meta:  # faces 0..5: -x, +x, -y, +y, -z, +z; 6 cylinder side, 7 sphere, 8 cylinder cap
         face = torch.where(room, ins, 2 * (ax1 + 2 * axes[2]) + (axes & (dhi < dlo)).any(0))
         if len(curved):

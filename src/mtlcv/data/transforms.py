@@ -16,6 +16,11 @@ The published NYUv2 protocol (mtan, Liu et al., CVPR 2019, ``RandomScaleCrop`` i
 by ``s``, then a horizontal flip with probability 1/2 that negates the normals' x component.
 Randomness comes from torch's RNG (an explicit ``generator`` or the global one), so runs are
 reproducible under ``torch.manual_seed``.
+
+A target that is not a map (detection boxes) moves itself: any entry with ``hflip(width)`` and
+``crop_resize(top, left, height, width, size)`` methods (:class:`mtlcv.tasks.detection.Boxes`)
+is mirrored, cropped and scaled with the image (boxes clipped to the window, empty ones
+dropped), so this module never needs to know the task.
 """
 
 from __future__ import annotations
@@ -35,8 +40,11 @@ def hflip(sample: dict[str, Any]) -> dict[str, Any]:
     Flipping twice is the identity.
     """
     out = {}
+    width = sample["image"].shape[-1]
     for key, value in sample.items():
-        if isinstance(value, torch.Tensor) and value.dim() >= 2:
+        if _moves_itself(value):
+            value = value.hflip(width)
+        elif isinstance(value, torch.Tensor) and value.dim() >= 2:
             value = value.flip(-1)
             if key == "normals":
                 value = value.clone()
@@ -67,10 +75,22 @@ def _spatial(value: Any) -> bool:
     return isinstance(value, torch.Tensor) and value.dim() >= 2
 
 
+def _moves_itself(value: Any) -> bool:
+    return hasattr(value, "crop_resize") and hasattr(value, "hflip")
+
+
 def resize(sample: dict[str, Any], size: Sequence[int]) -> dict[str, Any]:
     """Resize every spatial entry to ``size = (H, W)`` (depth values unchanged: the view is)."""
     size = (int(size[0]), int(size[1]))
-    return {k: _resample(k, v, size) if _spatial(v) else v for k, v in sample.items()}
+    h, w = sample["image"].shape[-2:]
+    out = {}
+    for k, v in sample.items():
+        if _moves_itself(v):
+            v = v.crop_resize(0, 0, h, w, size)
+        elif _spatial(v):
+            v = _resample(k, v, size)
+        out[k] = v
+    return out
 
 
 def scale_crop(sample: dict[str, Any], scale: float, top: int, left: int) -> dict[str, Any]:
@@ -85,7 +105,9 @@ def scale_crop(sample: dict[str, Any], scale: float, top: int, left: int) -> dic
     ch, cw = int(h / scale), int(w / scale)
     out = {}
     for key, value in sample.items():
-        if _spatial(value):
+        if _moves_itself(value):
+            value = value.crop_resize(top, left, ch, cw, (h, w))
+        elif _spatial(value):
             value = _resample(key, value[..., top : top + ch, left : left + cw], (h, w))
             if key == "depth":
                 value = value / scale

@@ -7,6 +7,7 @@ the trainer itself never branches on a method, architecture or dataset name.
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -16,7 +17,8 @@ from torch.utils.data import DataLoader
 
 from ..analysis.baselines import get_baseline
 from ..config import ExperimentConfig
-from ..errors import ConfigError, MtlcvError
+from ..data.base import collate
+from ..errors import ConfigError, DataError, MtlcvError
 from ..registry import DATASETS, TASKS
 from ..tasks.base import Task
 
@@ -45,16 +47,25 @@ def resolve_device(name: str) -> torch.device:
     return dev
 
 
-def build_dataset(cfg: ExperimentConfig, split: str) -> Any:
+def build_dataset(cfg: ExperimentConfig, split: str, augment: bool = True) -> Any:
+    """Split ``split`` of the config's dataset; ``data.augment`` applies to the training split
+    only, and never when ``augment`` is False (evaluation)."""
     d = cfg.data
-    ds = DATASETS.create(
-        d.name,
-        where="data.name",
-        split=split,
-        root=d.root,
-        augment=d.augment and split == "train",
-        **d.options,
-    )
+    try:
+        ds = DATASETS.create(
+            d.name,
+            where="data.name",
+            split=split,
+            root=d.root,
+            augment=augment and d.augment and split == "train",
+            **d.options,
+        )
+    except OSError as exc:  # a file-system problem with the data: one line naming the path
+        path = exc.filename or d.root
+        reason = exc.strerror or type(exc).__name__
+        raise DataError(
+            f"data ({d.name!r}, split {split}): cannot use {str(path)!r}: {reason}"
+        ) from None
     missing = [t for t in cfg.tasks if t not in getattr(ds, "targets", ())]
     if missing:
         raise ConfigError(
@@ -69,16 +80,48 @@ def build_tasks(cfg: ExperimentConfig, dataset: Any) -> dict[str, Task]:
 
     A name is scored by the task kind the dataset declares for it in ``task_kinds`` (two
     classification tasks ``left`` and ``right``), else by the registered task of that name; the
-    task object carries the name (its batch key and prediction key) in ``task.name``.
+    task object carries the name (its batch key and prediction key) in ``task.name``, the
+    registered kind in ``task.kind``, its factory options in ``task.options``, and
+    ``task.auxiliary`` is True for the names in ``cfg.aux_tasks``.
     """
     opts = getattr(dataset, "task_options", {}) or {}
     kinds = getattr(dataset, "task_kinds", {}) or {}
     tasks = {}
     for t in cfg.tasks:
-        task = TASKS.create(kinds.get(t, t), where="tasks", **opts.get(t, {}))
-        task.name = t
+        kind, options = kinds.get(t, t), dict(opts.get(t, {}))
+        task = TASKS.create(kind, where="tasks", **options)
+        # name, kind and options are what a checkpoint records to rebuild the task (metadata.py)
+        task.name, task.kind, task.options = t, kind, options
+        task.auxiliary = t in cfg.aux_tasks
         tasks[t] = task
     return tasks
+
+
+def check_input_size(
+    cfg: ExperimentConfig, model: torch.nn.Module, dataset: Any, device: torch.device
+) -> None:
+    """Run ``model`` once on one blank image of the dataset's size; a ConfigError naming the
+    architecture, the backbone and the size when it cannot process it (e.g. SegNet's unpooling
+    with a size not divisible by its stride), instead of a traceback at the first step."""
+    if len(dataset) == 0:
+        return
+    with torch.random.fork_rng(devices=[]):  # an augmenting dataset draws from the global RNG
+        image = dataset[0]["image"]
+    size = tuple(image.shape[-2:])
+    was = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            model(torch.zeros(1, *image.shape, device=device, dtype=image.dtype))
+    except (RuntimeError, ValueError) as exc:
+        backbone = cfg.model.backbone.get("name")
+        raise ConfigError(
+            f"model.arch {cfg.model.arch!r} with backbone {backbone!r} cannot process "
+            f"{size[0]}x{size[1]} images ({str(exc).splitlines()[0][:120]}); use larger images "
+            "or a backbone that downsamples less"
+        ) from None
+    finally:
+        model.train(was)
 
 
 def build_model(cfg: ExperimentConfig, tasks: dict[str, Task]) -> torch.nn.Module:
@@ -104,13 +147,47 @@ def build_balancer(cfg: ExperimentConfig) -> Any:
     return create(cfg.balancer.name, num_tasks=len(cfg.tasks), **cfg.balancer.options)
 
 
+def optimizer_groups(model: torch.nn.Module, balancer: Any) -> list[dict[str, Any]]:
+    """The parameter groups the trainer optimises.
+
+    The model's own groups (``model.parameter_groups()``: e.g. cross-stitch units at
+    ``lr_scale`` times the learning rate), then the balancer's learnable parameters (uncertainty
+    weighting's log-variances, GradNorm's weights ...) with no weight decay (as in the MTAN,
+    Nash-MTL and FAMO runs, which use none; LibMTL decays them with everything else) and, when the
+    balancer sets ``param_lr``, their own learning rate (Nash-MTL's code trains them at 0.025).
+    """
+    if hasattr(model, "parameter_groups"):
+        groups = [dict(g) for g in model.parameter_groups()]
+    else:
+        groups = [{"params": [p for p in model.parameters() if p.requires_grad]}]
+    own = [p for p in balancer.parameters() if p.requires_grad]
+    if own:
+        group: dict[str, Any] = {"params": own, "weight_decay": 0.0}
+        if getattr(balancer, "param_lr", None) is not None:
+            group["lr"] = float(balancer.param_lr)
+        groups.append(group)
+    return [g for g in groups if g["params"]]
+
+
 def build_optimizer(cfg: ExperimentConfig, params: list) -> torch.optim.Optimizer:
+    """The optimizer of ``optim`` over ``params``: tensors, or groups as
+    :func:`optimizer_groups` returns them (``lr_scale`` multiplies ``optim.lr``; ``lr`` and
+    ``weight_decay`` given in a group override ``optim``'s)."""
     o = cfg.optim
+    groups = []
+    for g in params:
+        if not isinstance(g, dict):
+            groups.append(g)
+            continue
+        g = dict(g)
+        scale = float(g.pop("lr_scale", 1.0))
+        g.setdefault("lr", o.lr * scale)
+        groups.append(g)
     if o.name == "adam":
-        return torch.optim.Adam(params, lr=o.lr, weight_decay=o.weight_decay)
+        return torch.optim.Adam(groups, lr=o.lr, weight_decay=o.weight_decay)
     if o.name == "adamw":
-        return torch.optim.AdamW(params, lr=o.lr, weight_decay=o.weight_decay)
-    return torch.optim.SGD(params, lr=o.lr, momentum=o.momentum, weight_decay=o.weight_decay)
+        return torch.optim.AdamW(groups, lr=o.lr, weight_decay=o.weight_decay)
+    return torch.optim.SGD(groups, lr=o.lr, momentum=o.momentum, weight_decay=o.weight_decay)
 
 
 def build_scheduler(cfg: ExperimentConfig, opt: torch.optim.Optimizer) -> Any:
@@ -122,27 +199,82 @@ def build_scheduler(cfg: ExperimentConfig, opt: torch.optim.Optimizer) -> Any:
     return torch.optim.lr_scheduler.LambdaLR(opt, lambda _: 1.0)
 
 
-def make_loader(cfg: ExperimentConfig, ds: Any, train: bool, seed: int = 0) -> DataLoader:
+def make_loader(
+    cfg: ExperimentConfig,
+    ds: Any,
+    train: bool,
+    seed: int = 0,
+    *,
+    epoch: int = 0,
+    start: int = 0,
+    rank: int = 0,
+    world: int = 1,
+) -> DataLoader:
+    """The loader of one split for this process.
+
+    Training: the order of epoch ``epoch`` is drawn from ``seed`` (the trainer passes
+    ``cfg.seed + epoch``), global batches of ``batch_size * world`` samples, this process's part
+    of each (:class:`~mtlcv.engine.distributed.ShardedBatchSampler`), starting at global batch
+    ``start`` (mid-epoch resume); each sample's augmentation is drawn from ``(seed, epoch,
+    index)`` (:class:`~mtlcv.engine.distributed.SampleSeeded`), so it depends neither on the
+    process, the worker nor the position. Evaluation: in order, in the batches one process
+    would form; process ``rank`` takes the ``rank``-th contiguous run of them (every sample
+    exactly once, no padding), so merging the processes' metric states in rank order sees the
+    split in its order and batches (exact for the published protocol's batch means and for
+    score ties in detection's mAP). Batches are formed by :func:`mtlcv.data.base.collate`
+    (targets that are not fixed-size tensors, e.g. detection boxes, batch themselves).
+    """
+    from .distributed import SampleSeeded, ShardedBatchSampler, split_evenly
+
     bs = cfg.data.batch_size if train else (cfg.data.eval_batch_size or cfg.data.batch_size)
-    gen = torch.Generator()
-    gen.manual_seed(seed)
+    gen = torch.Generator()  # the workers' base seed
+    gen.manual_seed(int(seed) % 2**64)
+    if train:
+        sampler = ShardedBatchSampler(len(ds), bs, seed=seed, world=world, rank=rank, start=start)
+        return DataLoader(
+            SampleSeeded(ds, seed, epoch),
+            batch_sampler=sampler,
+            num_workers=cfg.data.num_workers,
+            collate_fn=collate,  # targets that are not fixed-size tensors batch themselves
+            generator=gen,
+            persistent_workers=False,
+        )
+    if world > 1:
+        n = len(ds)
+        mine = split_evenly(range(math.ceil(n / bs)), world)[rank]
+        batches = [list(range(k * bs, min((k + 1) * bs, n))) for k in mine]
+        return DataLoader(
+            ds,
+            batch_sampler=batches,
+            num_workers=cfg.data.num_workers,
+            collate_fn=collate,
+            generator=gen,
+            persistent_workers=False,
+        )
     return DataLoader(
         ds,
         batch_size=bs,
-        shuffle=train,
-        drop_last=train and len(ds) > bs,
+        shuffle=False,
         num_workers=cfg.data.num_workers,
+        collate_fn=collate,
         generator=gen,
         persistent_workers=False,
     )
 
 
-def build(cfg: ExperimentConfig, splits: tuple[str, ...] = ("train", "val", "test")) -> Experiment:
-    datasets = {s: build_dataset(cfg, s) for s in splits}
+def build(
+    cfg: ExperimentConfig,
+    splits: tuple[str, ...] = ("train", "val", "test"),
+    augment: bool = True,
+    device: torch.device | None = None,
+) -> Experiment:
+    """Every piece of ``cfg`` on ``device`` (default: ``train.device`` resolved);
+    ``augment=False`` builds even the training split without augmentation (for evaluation)."""
+    datasets = {s: build_dataset(cfg, s, augment) for s in splits}
     tasks = build_tasks(cfg, datasets[splits[0]])
     model = build_model(cfg, tasks)
     balancer = build_balancer(cfg)
-    device = resolve_device(cfg.train.device)
+    device = resolve_device(cfg.train.device) if device is None else device
     return Experiment(cfg, tasks, datasets, model.to(device), balancer.to(device), device)
 
 

@@ -151,17 +151,19 @@ class GradientLog:
         self.pending = []
 
 
-def truncate_log(path: str | Path, epoch: int) -> None:
-    """Drop the lines of a JSON-lines log (``metrics.jsonl``, ``gradients.jsonl``) whose
-    ``epoch`` is after ``epoch``: what a resumed run will write again."""
+def truncate_log(path: str | Path, global_step: int) -> None:
+    """Drop the lines of ``gradients.jsonl`` logged at ``global_step`` or later: what a run
+    resumed from a checkpoint taken after ``global_step`` optimizer steps writes again."""
     path = Path(path)
     if not path.exists():
         return
-    keep = [
-        line
-        for line in path.read_text().splitlines()
-        if line.strip() and json.loads(line)["epoch"] <= epoch
-    ]
+    def before(line: str) -> bool:  # a torn or foreign line (no step) is dropped too
+        try:
+            return int(json.loads(line)["global_step"]) < global_step
+        except (ValueError, KeyError, TypeError):
+            return False
+
+    keep = [line for line in path.read_text().splitlines() if line.strip() and before(line)]
     atomic_write_text("".join(line + "\n" for line in keep), path)
 
 

@@ -15,8 +15,9 @@ model.arch=stl``).
 ``--jobs N`` trains up to N runs at once, each in its own process (``python -m mtlcv train``,
 its output in ``<run>/train.log``) with ``train.threads`` lowered so that N × threads does not
 exceed the CPU cores; a run starts once its seed's baseline run has finished. One progress
-display covers the whole grid. Ctrl-C stops every run after its last finished epoch (each
-child gets one SIGINT); the same command resumes them. ``DIR/grid.json`` records the plan
+display covers the whole grid. Ctrl-C stops every run, keeping its last checkpoint (each child
+gets one SIGINT); SIGTERM is passed on (each child finishes its step and saves it); the same
+command resumes them. ``DIR/grid.json`` records the plan
 (variants, seeds, baseline) for ``mtlcv report``.
 """
 
@@ -25,6 +26,7 @@ from __future__ import annotations
 import itertools
 import json
 import os
+import re
 import signal
 import statistics
 import subprocess
@@ -36,9 +38,10 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-from ..analysis import delta_m
+from ..analysis import delta_m, main_metrics
 from ..config import ExperimentConfig, apply_overrides, dump, from_dict, load, to_dict
-from ..errors import ConfigError, TrainingError
+from ..errors import ConfigError, MtlcvError, TrainingError
+from .runlock import RunLock
 
 #: the grid's plan, written when a grid starts (read by ``mtlcv report``)
 MANIFEST = "grid.json"
@@ -110,11 +113,45 @@ def grid_section(section: Any, where: str | Path = "config") -> dict[str, Any]:
     return out
 
 
+def safe_label(value: str) -> str:
+    """A folder name for a varied value: path separators and other characters that are not
+    letters, digits, ``.``, ``_`` or ``-`` become ``_`` and leading dots are dropped, so that
+    ``--vary data.root=/data/a`` names ``data_a`` inside ``--out`` and never a path outside it."""
+    text = re.sub(r"[^A-Za-z0-9._-]+", "_", value).lstrip("._").rstrip("_")
+    return text or "_"
+
+
 def variants(vary: Sequence[tuple[str, list[str]]]) -> list[Variant]:
     """Every combination of the varied values, labelled by its values joined with '-'."""
     keys = [k for k, _ in vary]
     combos = itertools.product(*[vals for _, vals in vary]) if vary else [()]
-    return [Variant("-".join(c) or "base", [f"{k}={v}" for k, v in zip(keys, c)]) for c in combos]
+    out = [
+        Variant("-".join(safe_label(v) for v in c) or "base", [f"{k}={v}" for k, v in zip(keys, c)])
+        for c in combos
+    ]
+    seen: dict[str, Variant] = {}
+    for v in out:
+        if v.label in seen:
+            raise ConfigError(
+                f"--vary: {' '.join(seen[v.label].overrides)} and {' '.join(v.overrides)} would "
+                f"both be written to the folder {v.label!r}; use values that differ in letters "
+                "or digits"
+            )
+        seen[v.label] = v
+    return out
+
+
+def check_variant(cfg: ExperimentConfig, label: str) -> None:
+    """Build ``cfg``'s tasks, model and balancer (not its training): a wrong component name or
+    option stops ``compare`` before any run trains, naming the variant."""
+    from .experiment import build_balancer, build_dataset, build_model, build_tasks
+
+    try:
+        ds = build_dataset(cfg, "train")
+        build_model(cfg, build_tasks(cfg, ds))
+        build_balancer(cfg)
+    except MtlcvError as exc:
+        raise type(exc)(f"variant {label!r}: {exc}") from None
 
 
 def _settings(cfg: ExperimentConfig) -> dict[str, Any]:
@@ -136,11 +173,18 @@ def _finished(run: Path, cfg: ExperimentConfig) -> dict[str, Any] | None:
     res, saved = run / "results.json", run / "config.yaml"
     if not (res.is_file() and saved.is_file()):
         return None
-    if _settings(load(saved)) != _settings(cfg):
-        raise ConfigError(
-            f"{str(run)!r} holds a finished run with other settings; choose another --out"
-        )
-    return json.loads(res.read_text())
+    with RunLock(run, "mtlcv compare"):  # a run another process still writes is not reused
+        if _settings(load(saved)) != _settings(cfg):
+            raise ConfigError(
+                f"{str(run)!r} holds a finished run with other settings; choose another --out"
+            )
+        try:
+            return json.loads(res.read_text())
+        except (OSError, ValueError) as exc:
+            raise ConfigError(
+                f"{str(res)!r} is unreadable ({type(exc).__name__}); delete it to train the run "
+                "again"
+            ) from None
 
 
 @dataclass(eq=False)
@@ -164,8 +208,10 @@ def plan_grid(
     seeds: Sequence[int],
     out: str | Path,
     baseline: str | None = None,
+    check: bool = True,
 ) -> tuple[list[Variant], Variant | None, list[Job]]:
-    """Every variant × seed as a :class:`Job` (baseline runs first), configs validated."""
+    """Every variant × seed as a :class:`Job` (baseline runs first), configs validated; with
+    ``check`` every variant's dataset, model and balancer are also built once."""
     out = Path(out)
     vs = variants(vary)
     base_v = None
@@ -183,13 +229,22 @@ def plan_grid(
         vs = [base_v] + [v for v in vs if v is not base_v]
     jobs: list[Job] = []
     firsts: dict[int, Job] = {}
+    # every run's config, checked before the first one trains (a typo must not cost hours)
+    checked: set[str] = set()
     for v in vs:
         for seed in seeds:
             data = apply_overrides(base, [*v.overrides, f"seed={seed}"])
             data["name"] = f"{data.get('name', 'experiment')}-{v.label}-s{seed}"
             if base_v is not None and v is not base_v:
                 data["baselines"] = str(out / base_v.label / f"seed{seed}")
-            job = Job(v, seed, from_dict(data), out / v.label / f"seed{seed}")
+            try:
+                cfg = from_dict(data)
+            except ConfigError as exc:
+                raise ConfigError(f"variant {v.label!r}: {exc}") from None
+            if check and v.label not in checked:
+                check_variant(cfg, v.label)
+                checked.add(v.label)
+            job = Job(v, seed, cfg, out / v.label / f"seed{seed}")
             if base_v is not None:
                 if v is base_v:
                     firsts[seed] = job
@@ -234,25 +289,41 @@ def run_grid(
     vs, base_v, plan = plan_grid(base, vary, seeds, out, baseline)
     if jobs > 1:
         jobs = _check_jobs(jobs)
-    _write_manifest(out, vs, base_v, seeds, vary)
-    total = len(plan)
-    todo = []
-    for k, job in enumerate(plan, 1):
-        done = _finished(job.run, job.cfg)
-        if done is not None:
-            log(f"[{k}/{total}] {job.name}: finished run reused ({job.run})")
-            job.variant.runs[job.seed] = done
-        else:
-            todo.append(job)
-    if jobs > 1 and todo:
-        _run_parallel(plan, todo, jobs, log)
-        return vs, base_v
-    for job in todo:
-        k = plan.index(job) + 1
-        log(f"[{k}/{total}] {job.name} -> {job.run}")
-        resume = (job.run / "last.pt").is_file()
-        job.variant.runs[job.seed] = train(job.cfg, job.run, resume=resume, log=log)
+    with RunLock(_grid_dir(out), "mtlcv compare"):  # one process runs a grid folder at a time
+        _write_manifest(out, vs, base_v, seeds, vary)
+        total = len(plan)
+        todo = []
+        for k, job in enumerate(plan, 1):
+            done = _finished(job.run, job.cfg)
+            if done is not None:
+                log(f"[{k}/{total}] {job.name}: finished run reused ({job.run})")
+                job.variant.runs[job.seed] = done
+            else:
+                todo.append(job)
+        if jobs > 1 and todo:
+            _run_parallel(plan, todo, jobs, log)
+            return vs, base_v
+        for job in todo:
+            k = plan.index(job) + 1
+            log(f"[{k}/{total}] {job.name} -> {job.run}")
+            resume = (job.run / "last.pt").is_file()
+            job.variant.runs[job.seed] = train(job.cfg, job.run, resume=resume, log=log,
+                                               command="mtlcv compare")
     return vs, base_v
+
+
+def _grid_dir(out: Path) -> Path:
+    """``out``, created; a one-line ConfigError when it cannot be."""
+    from .checkpoint import _reason
+
+    if out.exists() and not out.is_dir():
+        raise ConfigError(f"--out {str(out)!r} is a file, not a folder; choose another --out")
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise ConfigError(f"cannot create the grid directory {str(out)!r}: {_reason(exc)}") \
+            from None
+    return out
 
 
 # ---------------------------------------------------------------------- parallel runs
@@ -391,9 +462,10 @@ def _run_parallel(
                 display.update(finished, list(running))
                 if pending or running:
                     time.sleep(0.2)
-        except KeyboardInterrupt:
+        except BaseException as exc:  # Ctrl-C, SIGTERM (the CLI raises it here), any error
             display.close()
-            _interrupt(running)
+            _interrupt(running, signal.SIGINT if isinstance(exc, KeyboardInterrupt)
+                       else signal.SIGTERM)
             raise
         finally:
             display.close()
@@ -424,11 +496,13 @@ def _start(job: Job, threads: int, tmp: Path, env: dict[str, str]):
     return proc, fh, time.perf_counter()
 
 
-def _interrupt(running: dict[Job, tuple[subprocess.Popen, Any, float]]) -> None:
-    """Ctrl-C: one SIGINT to every child (each keeps its last finished epoch), then wait."""
+def _interrupt(running: dict[Job, tuple[subprocess.Popen, Any, float]],
+               sig: int = signal.SIGINT) -> None:
+    """Stop every child with one ``sig`` and wait: SIGINT (Ctrl-C) keeps each run's last
+    checkpoint, SIGTERM makes each finish its step and save one (exit 75); a rerun resumes."""
     for proc, _, _ in running.values():
         if proc.poll() is None:
-            proc.send_signal(signal.SIGINT)
+            proc.send_signal(sig)
     deadline = time.monotonic() + 120
     for proc, fh, _ in running.values():
         try:
@@ -442,23 +516,28 @@ def _interrupt(running: dict[Job, tuple[subprocess.Popen, Any, float]]) -> None:
 def summarise(
     vs: Sequence[Variant], base_v: Variant | None, higher: dict[str, dict[str, bool]]
 ) -> list[dict[str, Any]]:
-    """One row per variant: mean test metrics over seeds, Δm mean/std, params, step time."""
+    """One row per variant: mean test metrics over seeds, Δm mean/std, params, step time.
+
+    Δm is taken over the main tasks: auxiliary tasks (``aux_tasks`` of a run) are left out.
+    """
     base_mean = None
     if base_v is not None:
         base_mean = _mean_metrics([r["test"] for r in base_v.runs.values()])
     rows = []
     for v in vs:
         results = list(v.runs.values())
+        aux = list(results[0].get("aux_tasks") or [])
         row: dict[str, Any] = {
             "label": v.label,
             "overrides": v.overrides,
             "seeds": sorted(v.runs),
+            "aux_tasks": aux,
             "test": _mean_metrics([r["test"] for r in results]),
             "parameters": results[0]["parameters"],
             "step_time_s": statistics.mean(r.get("step_time_s", float("nan")) for r in results),
         }
         if base_mean is not None:
-            dms = [delta_m(r["test"], base_mean, higher) for r in results]
+            dms = [delta_m(main_metrics(r["test"], aux), base_mean, higher) for r in results]
             row["delta_m"] = statistics.mean(dms)
             row["delta_m_std"] = statistics.stdev(dms) if len(dms) > 1 else 0.0
         rows.append(row)
@@ -471,15 +550,28 @@ def _mean_metrics(entries: list[dict[str, dict[str, float]]]) -> dict[str, dict[
     }
 
 
-def _columns(higher: dict[str, dict[str, bool]]) -> list[tuple[str, str]]:
-    return [(t, m) for t, ms in higher.items() for m in ms]
+def _columns(
+    higher: dict[str, dict[str, bool]], rows: Sequence[dict[str, Any]] = ()
+) -> tuple[list[tuple[str, str]], list[tuple[str, str]]]:
+    """(main columns, auxiliary columns): a task auxiliary in any row is shown apart."""
+    aux = {t for r in rows for t in r.get("aux_tasks", ())}
+    cols = [(t, m) for t, ms in higher.items() for m in ms]
+    return [c for c in cols if c[0] not in aux], [c for c in cols if c[0] in aux]
 
 
-def _cells(row: dict[str, Any], cols: list[tuple[str, str]], has_dm: bool) -> list[str]:
-    cells = [row["label"]] + [f"{row['test'][t][m]:.4g}" for t, m in cols]
+def _value(row: dict[str, Any], t: str, m: str) -> str:
+    return f"{row['test'][t][m]:.4g}" if t in row["test"] else "–"
+
+
+def _cells(
+    row: dict[str, Any], cols: tuple[list[tuple[str, str]], list[tuple[str, str]]], has_dm: bool
+) -> list[str]:
+    main, aux = cols
+    cells = [row["label"]] + [_value(row, t, m) for t, m in main]
     if has_dm:
         sd = f" ± {row['delta_m_std']:.2f}" if len(row["seeds"]) > 1 else ""
         cells.append(f"{row['delta_m']:+.2f}{sd}")
+    cells += [_value(row, t, m) for t, m in aux]
     return cells + [f"{row['parameters'] / 1e6:.2f} M", f"{row['step_time_s']:.3f}"]
 
 
@@ -487,14 +579,16 @@ def grid_table(rows: list[dict[str, Any]], higher: dict[str, dict[str, bool]], t
     """A rich table: one row per variant, one column per metric (↑/↓), Δm, params, step time."""
     from rich.table import Table
 
-    cols = _columns(higher)
+    cols = _columns(higher, rows)
     has_dm = any("delta_m" in r for r in rows)
     table = Table(title=title or None)
     table.add_column("run")
-    for t, m in cols:
+    for t, m in cols[0]:
         table.add_column(f"{t}\n{m} {'↑' if higher[t][m] else '↓'}", justify="right")
     if has_dm:
         table.add_column("Δm % ↓", justify="right")
+    for t, m in cols[1]:
+        table.add_column(f"{t} (aux)\n{m} {'↑' if higher[t][m] else '↓'}", justify="right")
     table.add_column("params", justify="right")
     table.add_column("step s", justify="right")
     for r in rows:
@@ -504,10 +598,12 @@ def grid_table(rows: list[dict[str, Any]], higher: dict[str, dict[str, bool]], t
 
 def markdown_table(rows: list[dict[str, Any]], higher: dict[str, dict[str, bool]]) -> str:
     """The same table as GitHub markdown, for notes and reports."""
-    cols = _columns(higher)
+    cols = _columns(higher, rows)
     has_dm = any("delta_m" in r for r in rows)
-    head = ["run"] + [f"{t} {m} {'↑' if higher[t][m] else '↓'}" for t, m in cols]
-    head += (["Δm % ↓"] if has_dm else []) + ["params", "step s"]
+    head = ["run"] + [f"{t} {m} {'↑' if higher[t][m] else '↓'}" for t, m in cols[0]]
+    head += ["Δm % ↓"] if has_dm else []
+    head += [f"{t} (aux) {m} {'↑' if higher[t][m] else '↓'}" for t, m in cols[1]]
+    head += ["params", "step s"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     lines += ["| " + " | ".join(_cells(r, cols, has_dm)) + " |" for r in rows]
     return "\n".join(lines)

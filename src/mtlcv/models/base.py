@@ -16,14 +16,20 @@ property returning one) of callables over modules registered under those names, 
 ``state_dict()`` has no duplicated keys. Wrappers should call ``forward_stage`` and read
 ``num_stages``, never index ``stages`` for its parameters.
 
-Images enter a backbone in [0, 1]; every built-in backbone standardises them itself with
-:class:`ImageNormalize` as the first step of stage 0, so datasets never need to know which
-statistics a backbone was pretrained with.
+A backbone of valid (unpadded) convolutions declares ``min_size``, the smallest height and
+width it accepts (LeNet-5: 32); its stage outputs are then smaller than ``H / stride``, which
+every architecture tolerates (dense heads resize to the image).
+
+Images enter a backbone in [0, 1]; the built-in backbones standardise them themselves with
+:class:`ImageNormalize` as the first step of stage 0 (ImageNet statistics), so datasets never
+need to know which statistics a backbone was pretrained with. SegNet, which the MTAN protocol
+trains from scratch on [0, 1] images (lorenmt/mtan), does not unless ``standardize: true``.
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
+from typing import Any
 
 import torch
 from torch import nn
@@ -58,6 +64,8 @@ class Backbone(nn.Module):
     stage_channels: list[int]
     #: cumulative output stride of every stage with respect to the input
     stage_strides: list[int]
+    #: the smallest input height and width the backbone accepts
+    min_size: int = 1
 
     def __init__(self) -> None:
         super().__init__()
@@ -116,6 +124,15 @@ class MultiTaskModel(nn.Module):
         rep = self.encode(image)
         self.representation = rep
         return self.decode(rep, image.shape[-2:])
+
+    def parameter_groups(self) -> list[dict[str, Any]]:
+        """Optimizer parameter groups: ``[{"params": [...], "lr_scale": s}, ...]``.
+
+        ``lr_scale`` (default 1) multiplies ``optim.lr`` for that group; the first group is the
+        one whose learning rate the trainer logs. Default: one group of every trainable
+        parameter. Cross-stitch units, for instance, train at a higher rate (Misra et al. 2016).
+        """
+        return [{"params": [p for p in self.parameters() if p.requires_grad]}]
 
     def extra_loss(self) -> torch.Tensor | None:
         """An architecture's own regulariser (e.g. soft sharing's parameter distance), or None."""

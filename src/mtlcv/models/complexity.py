@@ -59,30 +59,49 @@ def count_flops(model: nn.Module, size: Sequence[int] = (96, 128)) -> int:
     return total
 
 
-def describe_arch(
+def arch_size(
     name: str,
     size: Sequence[int] = (96, 128),
     tasks: Sequence[str] = ("semseg", "depth", "normals"),
     backbone: str = "tiny",
-) -> str:
-    """One line for ``mtlcv list``: parameters and GFLOPs of ``name`` built for ``tasks``.
+) -> dict:
+    """Parameters and FLOPs (multiply-accumulates) of architecture ``name`` built for ``tasks``.
 
     Uses the tasks' default options (13 semseg classes), the named backbone with its defaults
-    and the ``light`` head. An architecture that cannot be built on that backbone says why.
+    and the ``light`` head. Returns ``{"parameters", "flops", "size", "backbone", "tasks"}``,
+    or, when the architecture cannot be built on that backbone, ``"error"`` saying why instead
+    of the counts.
     """
     from ..errors import MtlcvError
     from ..registry import TASKS
     from .build import build_model
 
     task_objs = {t: TASKS.create(t, where="tasks") for t in tasks}
+    out: dict = {"size": list(size), "backbone": backbone, "tasks": list(tasks)}
     try:
         model = build_model(name, task_objs, {"name": backbone}, {"name": "light"})
     except MtlcvError as exc:
-        return f"n/a on {backbone}: {exc}"
-    params = count_parameters(model)
-    flops = count_flops(model, size)
-    h, w = size
+        return out | {"error": str(exc)}
+    return out | {"parameters": count_parameters(model), "flops": count_flops(model, size)}
+
+
+def format_size(info: dict) -> str:
+    """One line of :func:`arch_size`'s result, as ``mtlcv list`` prints it."""
+    if "error" in info:
+        return f"n/a on {info['backbone']}: {info['error']}"
+    h, w = info["size"]
     return (
-        f"{params / 1e6:.2f} M params, {flops / 1e9:.2f} GFLOPs at {h}x{w} "
-        f"({backbone}, {len(tasks)} tasks)"
+        f"{info['parameters'] / 1e6:.2f} M params, {info['flops'] / 1e9:.2f} GFLOPs at {h}x{w} "
+        f"({info['backbone']}, {len(info['tasks'])} tasks)"
     )
+
+
+def describe_arch(
+    name: str,
+    size: Sequence[int] = (96, 128),
+    tasks: Sequence[str] = ("semseg", "depth", "normals"),
+    backbone: str = "tiny",
+) -> str:
+    """One line for ``mtlcv list``: parameters and GFLOPs of ``name`` built for ``tasks``
+    (see :func:`arch_size`); an architecture that cannot be built on that backbone says why."""
+    return format_size(arch_size(name, size, tasks, backbone))

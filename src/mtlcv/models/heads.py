@@ -19,7 +19,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..errors import ConfigError
 from ..registry import HEADS
+
+
+def _positive_int(v: object) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool) and v >= 1
 
 
 def _conv_bn_relu(cin: int, cout: int, k: int, dilation: int = 1) -> list[nn.Module]:
@@ -34,8 +39,29 @@ def _conv_bn_relu(cin: int, cout: int, k: int, dilation: int = 1) -> list[nn.Mod
 @HEADS.register("light")
 def light(in_channels: int, out_channels: int, mid_channels: int | None = None) -> nn.Sequential:
     """conv3x3-BN-ReLU-conv1x1; ``mid_channels`` defaults to min(in_channels, 256)."""
+    if mid_channels is not None and not _positive_int(mid_channels):
+        raise ConfigError(
+            f"model.head 'light': mid_channels must be a positive integer, got {mid_channels!r}"
+        )
     mid = min(in_channels, 256) if mid_channels is None else mid_channels
     return nn.Sequential(*_conv_bn_relu(in_channels, mid, 3), nn.Conv2d(mid, out_channels, 1))
+
+
+@HEADS.register("mtan")
+def mtan(in_channels: int, out_channels: int) -> nn.Sequential:
+    """mtan's prediction layer: conv3x3 (C -> C) then conv1x1 (C -> out), both with bias, no
+    BN or ReLU between them (lorenmt/mtan ``im2im_pred/model_segnet_*.py``, ``conv_layer(...,
+    pred=True)``; the same in CAGrad's, Nash-MTL's and FAMO's copies), Xavier-normal weights and
+    zero biases as there. The SegNet-MTAN protocol's head: with it, SegNet-MTAN has exactly the
+    official parameter count."""
+    net = nn.Sequential(
+        nn.Conv2d(in_channels, in_channels, 3, padding=1),
+        nn.Conv2d(in_channels, out_channels, 1),
+    )
+    for m in net:
+        nn.init.xavier_normal_(m.weight)
+        nn.init.zeros_(m.bias)
+    return net
 
 
 class ASPP(nn.Module):
@@ -77,6 +103,16 @@ def aspp(
     ``rates=(12, 24, 36)`` is the paper's choice for output stride 8 (and LibMTL's); use
     (6, 12, 18) at output stride 16.
     """
+    if not _positive_int(channels):
+        raise ConfigError(
+            f"model.head 'aspp': channels must be a positive integer, got {channels!r}"
+        )
+    if (isinstance(rates, (str, bytes)) or not isinstance(rates, Sequence) or not rates
+            or not all(_positive_int(r) for r in rates)):
+        raise ConfigError(f"model.head 'aspp': rates must be a list of positive integers, got "
+                          f"{rates!r}")
+    if isinstance(dropout, bool) or not isinstance(dropout, (int, float)) or not 0 <= dropout < 1:
+        raise ConfigError(f"model.head 'aspp': dropout must be a number in [0, 1), got {dropout!r}")
     return nn.Sequential(
         ASPP(in_channels, channels, tuple(rates), dropout),
         *_conv_bn_relu(channels, channels, 3),

@@ -5,7 +5,15 @@ from __future__ import annotations
 from typing import Any
 
 from ..registry import TASKS
-from . import classification, depth, edges, normals, segmentation  # noqa: F401  (register)
+from . import (  # noqa: F401  (register)
+    classification,
+    depth,
+    detection,
+    edges,
+    normals,
+    saliency,
+    segmentation,
+)
 from .base import Metric, Task
 
 __all__ = ["Metric", "Task", "create"]

@@ -18,19 +18,34 @@ problem, so that trainers, architectures and balancers never special-case a task
   both shapes when a dataset returns a target of the wrong shape, dtype or values;
 * ``postprocess(pred)``: raw head output -> the prediction the metric scores (for export);
 * ``kpi(metrics)``: a key performance indicator in [0, 1] (higher is better), used by Dynamic
-  Task Prioritization (Guo et al., ECCV 2018).
+  Task Prioritization (Guo et al., ECCV 2018);
+* ``published_aggregation``: ``"split"`` or ``"batch_mean"``, how the papers' published protocol
+  aggregates the metrics (``eval.protocol: published``, see :mod:`mtlcv.engine.protocol`).
 
-Batch contract (GUIDE.md): ``image`` float ``[B,3,H,W]``; ``semseg`` long ``[B,H,W]`` with
+Batch contract (docs/design.md): ``image`` float ``[B,3,H,W]``; ``semseg`` long ``[B,H,W]`` with
 255 = ignore; ``depth`` float ``[B,1,H,W]`` with 0 = missing; ``normals`` float ``[B,3,H,W]``
 unit vectors in the camera frame (x right, y down, z forward) with 0 = missing; ``edges`` float
-``[B,1,H,W]`` in {0, 1} with 255 = ignore; ``classification`` long ``[B]`` with 255 = ignore.
-Predictions are raw head outputs at the target's resolution.
+``[B,1,H,W]`` in {0, 1} with 255 = ignore; ``classification`` long ``[B]`` with 255 = ignore;
+``detection`` float ``[B,M,5]``, rows ``(x1, y1, x2, y2, class)`` in pixels of the image, rows
+of class −1 padding (``M`` = the largest box count of the batch, 0 when no image has one).
+Predictions are raw head outputs at the target's resolution (detection: ``[B, C+5, H, W]`` at
+the image's).
+
+A target that is not a fixed-size tensor is still one entry of the batch dict: a dataset
+returns per sample an object that batches itself and moves with the image (detection:
+:class:`~mtlcv.tasks.detection.Boxes`, with ``collate``, ``hflip`` and ``crop_resize``), so the
+loaders (:func:`mtlcv.data.base.collate`), the augmentation (:mod:`mtlcv.data.transforms`), the
+trainer and the architectures never learn about it. ``postprocess`` may then return a
+structured prediction (detection: per image a dict of ``boxes``, ``scores``, ``labels``).
+An auxiliary task (``auxiliary = True``, from the config's ``aux_tasks``) is trained and
+balanced like any other and left out of model selection and Δm.
 """
 
 from __future__ import annotations
 
 import math
 from abc import ABC, abstractmethod
+from typing import Any
 
 import torch
 
@@ -38,13 +53,33 @@ from ..errors import DataError
 
 
 class Metric(ABC):
-    """A streaming metric: ``update`` on every batch, ``compute`` once at the end of the split."""
+    """A streaming metric: ``update`` on every batch, ``compute`` once at the end of the split.
+
+    Its state is what ``update`` accumulates. When several processes each score a shard of the
+    split (``engine/distributed.py``), their states are merged exactly before ``compute``: by
+    default every tensor attribute is a sum (confusion matrix, counts, float64 sums) and every
+    list attribute a concatenation (the normals' angles for the exact median). A metric whose
+    state is anything else overrides :meth:`state` and :meth:`merge`.
+    """
 
     @abstractmethod
     def update(self, pred: torch.Tensor, target: torch.Tensor) -> None: ...
 
     @abstractmethod
     def compute(self) -> dict[str, float]: ...
+
+    def state(self) -> dict[str, Any]:
+        """The accumulated state (picklable): tensor and list attributes."""
+        return {k: v for k, v in vars(self).items() if isinstance(v, (torch.Tensor, list))}
+
+    def merge(self, state: dict[str, Any]) -> None:
+        """Add another shard's :meth:`state` to this one (sums add, lists concatenate)."""
+        for k, v in state.items():
+            mine = getattr(self, k)
+            if isinstance(mine, torch.Tensor):
+                setattr(self, k, mine + v.to(mine.device))
+            else:
+                mine.extend(v)
 
 
 class Task(ABC):
@@ -61,9 +96,30 @@ class Task(ABC):
     target_channels: int | None = 1
     #: True when the target holds integer labels, False when it holds floats
     integer_target: bool = False
+    #: how the published protocol (``eval.protocol: published``, :mod:`mtlcv.engine.protocol`)
+    #: aggregates this task's metrics: ``"split"`` (one computation over the whole split, as
+    #: here) or ``"batch_mean"`` (the mean over evaluation batches of per-batch values, as the
+    #: SegNet-MTAN papers' code does for depth and normals)
+    published_aggregation: str = "split"
+    #: an auxiliary task (config ``aux_tasks``): trained and balanced, never selected on
+    auxiliary: bool = False
 
     @abstractmethod
     def loss(self, pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor: ...
+
+    def loss_count(
+        self, target: torch.Tensor, pred: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """How many elements :meth:`loss` averages over for ``target`` (its denominator).
+
+        Several processes each holding part of a batch combine their losses into the loss of the
+        whole batch as ``sum_r n_r L_r / sum_r n_r`` with these counts (engine/distributed.py).
+        Default: the batch size; tasks with missing values count the valid elements. ``pred``
+        is the prediction the loss was computed from (the trainer passes it), for a task whose
+        denominator depends on it (detection counts its positive locations at the
+        prediction's resolution).
+        """
+        return torch.tensor(float(target.shape[0]))
 
     @abstractmethod
     def new_metric(self) -> Metric: ...

@@ -61,6 +61,11 @@ class Classification(Task):
         total = F.cross_entropy(pred, target.long(), ignore_index=IGNORE, reduction="sum")
         return total / (target != IGNORE).sum().clamp(min=1)
 
+    def loss_count(
+        self, target: torch.Tensor, pred: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        return (target != IGNORE).sum().float()
+
     def new_metric(self) -> AccuracyMetric:
         return AccuracyMetric(self)
 

@@ -19,10 +19,12 @@ class DepthMetric(Metric):
 
     ``abs_err`` = mean |p − t| (m), ``rel_err`` = mean |p − t| / t, ``rmse`` = sqrt(mean (p − t)²)
     (m), ``delta1`` = % of pixels with max(p / t, t / p) < 1.25. Each is one mean over every valid
-    pixel of the split (the mtan / LibMTL ``abs_err`` and ``rel_err``), not a mean of per-image
-    or per-batch values. Predictions are used raw (no clamping): δ1 is evaluated as
-    ``p < 1.25 t and t < 1.25 p``, which equals the ratio test for p > 0 and never counts a
-    non-positive prediction as correct.
+    pixel of the split, not a mean of per-image or per-batch values. (mtan's ``depth_error``,
+    copied by CAGrad, Nash-MTL and FAMO, computes ``abs_err`` and ``rel_err`` per evaluation
+    batch and its trainers average the batches: that is ``eval.protocol: published``, which
+    applies this metric batch by batch, see ``published_aggregation``.) Predictions are used raw
+    (no clamping): δ1 is evaluated as ``p < 1.25 t and t < 1.25 p``, which equals the ratio test
+    for p > 0 and never counts a non-positive prediction as correct.
     """
 
     def __init__(self, task: Depth) -> None:
@@ -59,6 +61,7 @@ class Depth(Task):
 
     name = "depth"
     channels = 1
+    published_aggregation = "batch_mean"
     higher_is_better = {"abs_err": False, "rel_err": False, "rmse": False, "delta1": True}
     primary_metrics = ("abs_err", "rel_err", "rmse", "delta1")
     kpi_metric = "delta1"
@@ -68,6 +71,11 @@ class Depth(Task):
         # replace missing targets so NaN there cannot leak into the masked sum or its gradient
         target = torch.where(valid, target, pred.detach())
         return masked_mean((pred - target).abs(), valid)
+
+    def loss_count(
+        self, target: torch.Tensor, pred: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        return (target > 0).sum().float()
 
     def new_metric(self) -> DepthMetric:
         return DepthMetric(self)

@@ -74,6 +74,13 @@ class Edges(Task):
         bce = F.binary_cross_entropy_with_logits(pred, pos.to(pred.dtype), reduction="none")
         return (weight * bce).sum() / n.clamp(min=1)
 
+    def loss_count(
+        self, target: torch.Tensor, pred: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        # the class-balancing weights use this batch's (this process's) edge ratio; across
+        # processes the combination by valid pixels is therefore close, not exact
+        return (target != IGNORE).sum().float()
+
     def new_metric(self) -> EdgeMetric:
         return EdgeMetric(self)
 

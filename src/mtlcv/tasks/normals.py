@@ -71,6 +71,8 @@ class AngleMetric(Metric):
     pixels with error below the threshold), all over every valid pixel of the split. The median
     is exact: the angles are kept as float32 chunks on the host and the median is taken at
     :meth:`compute` (:func:`exact_median`); the other statistics are float64 running sums.
+    (mtan's ``normal_error``, copied by CAGrad, Nash-MTL and FAMO, computes these per evaluation
+    batch, the median too, and averages the batches: ``eval.protocol: published``.)
     """
 
     def __init__(self, task: Normals) -> None:
@@ -105,6 +107,7 @@ class Normals(Task):
 
     name = "normals"
     channels = 3
+    published_aggregation = "batch_mean"
     target_channels = 3
     higher_is_better = {
         "mean": False,
@@ -119,6 +122,11 @@ class Normals(Task):
     def loss(self, pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
         cos = (F.normalize(pred, dim=1) * F.normalize(target, dim=1)).sum(1)
         return masked_mean(1.0 - cos, target.norm(dim=1) > 0)
+
+    def loss_count(
+        self, target: torch.Tensor, pred: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        return (target.norm(dim=1) > 0).sum().float()
 
     def new_metric(self) -> AngleMetric:
         return AngleMetric(self)

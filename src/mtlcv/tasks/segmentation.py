@@ -19,10 +19,14 @@ class ConfusionMetric(Metric):
     """Confusion matrix accumulated over the whole split (rows: target, columns: prediction).
 
     ``miou`` (%): mean over classes of IoU_c = TP_c / (TP_c + FP_c + FN_c) (Everingham et al.,
-    PASCAL VOC, IJCV 2010), computed once from the split's confusion matrix as in the mtan and
-    Vandenhende et al. code. Classes with an empty union (absent from the targets AND never
-    predicted) are left out of the mean; a class that is predicted but never in the target
-    counts with IoU 0. ``pixel_acc`` (%): correctly labelled / labelled pixels.
+    PASCAL VOC, IJCV 2010), computed once from the split's confusion matrix, like mtan's
+    ``ConfMatrix`` (since its Nov. 2020 update; CAGrad, Nash-MTL and FAMO copy it, so the
+    published protocol uses this metric too). Classes with an empty union (absent from the
+    targets AND never predicted) are left out of the mean; mtan's ``ConfMatrix`` instead gets
+    0/0 = NaN for such a class, and so a NaN mIoU, so the two agree exactly when every class
+    occurs or is predicted (as on NYUv2's 654 test images). A class that is predicted but never
+    in the target counts with IoU 0 in both. ``pixel_acc`` (%): correctly labelled / labelled
+    pixels.
     """
 
     def __init__(self, task: Segmentation) -> None:
@@ -81,6 +85,11 @@ class Segmentation(Task):
             pred, target.long(), ignore_index=self.ignore_index, reduction="sum"
         )
         return total / (target != self.ignore_index).sum().clamp(min=1)
+
+    def loss_count(
+        self, target: torch.Tensor, pred: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        return (target != self.ignore_index).sum().float()
 
     def new_metric(self) -> ConfusionMetric:
         return ConfusionMetric(self)

@@ -49,6 +49,8 @@ def _hw(a: np.ndarray, where: Any, channels: int | None, what: str) -> np.ndarra
         raise DataError(f"{where}: {what} has shape {a.shape}, expected {want}")
     if a.dtype.kind not in "fiub":
         raise DataError(f"{where}: {what} has dtype {a.dtype}, expected a numeric array")
+    if 0 in a.shape[:2]:
+        raise DataError(f"{where}: {what} has shape {a.shape}, an empty image")
     return a
 
 
@@ -174,8 +176,7 @@ class NYUv2Dataset(MTLDataset):
         self.size = None if size is None else (int(size[0]), int(size[1]))
         self.num_classes = num_classes
         self.task_options = {"semseg": {"num_classes": num_classes}}
-        if num_classes == len(CLASSES13):
-            self.class_names = {"semseg": CLASSES13}
+        self.class_names = {"semseg": list(CLASSES13)} if num_classes == 13 else {}
         self.has = {t: np.ones(len(self.ids), bool) for t in self.targets}
 
     def __len__(self) -> int:

@@ -11,6 +11,8 @@ filled with 255 / 0 and recorded in ``has``. Ground-truth normals exist for fram
 
 from __future__ import annotations
 
+import zipfile
+import zlib
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -61,8 +63,10 @@ def load_fixture(path: Path) -> dict[str, np.ndarray]:
             if missing:
                 raise DataError(f"{path}: missing key(s) {', '.join(missing)}")
             data = {k: z[k] for k in KEYS}
-    except (ValueError, OSError, EOFError) as e:
+    except (ValueError, OSError, EOFError, zipfile.BadZipFile, zlib.error) as e:
         raise DataError(f"{path}: unreadable or truncated npz ({e})") from None
+    if data["index"].ndim != 1:
+        raise DataError(f"{path}: index has shape {data['index'].shape}, expected (N,)")
     n = len(data["index"])
     h, w = data["rgb"].shape[1:3] if data["rgb"].ndim == 4 else (0, 0)
     for key, (trail, kinds) in KEYS.items():

@@ -8,8 +8,13 @@ learned linear combination of all tasks' activations at that stage::
 
 ``mode: scalar`` learns one alpha per task pair (the paper's T x T matrix); ``mode: channel``
 one per task pair and channel (the channel-wise variant of Vandenhende et al., TPAMI 2021).
-Each row is initialised to (alpha_self, alpha_other, ...) divided by its sum, so rows are convex
-combinations; the paper's two-task setting is (0.9, 0.1). ``init_from: {task: source}`` starts
+The units start at ``alpha_self = 0.9`` on the diagonal and ``alpha_other = 0.1`` elsewhere, as
+given (Misra et al. sec. 4: (0.9, 0.1); the survey code SimonVandenhende/Multi-Task-Learning-
+PyTorch ``models/cross_stitch.py`` fills them so, unnormalised, for any number of tasks);
+``normalize_init: true`` divides each row by its sum instead (convex combinations). The units
+train at ``lr_scale = 100`` times the learning rate: Misra et al. (sec. 4) scale the units'
+learning rate by 10^2 to 10^3, the survey code by 100 (``utils/common_config.py``,
+``get_optimizer``); with the base rate they barely move. ``init_from: {task: source}`` starts
 each task's backbone (and head, where present) from a trained single-task network, as the paper
 does: ``source`` is an ``stl`` run's ``best.pt``/``last.pt``, a saved state dict, or a state dict
 itself (keys ``nets.<task>.backbone.*`` of an stl model, ``backbone.*``/``head.*``, or bare
@@ -40,13 +45,20 @@ class CrossStitchUnit(nn.Module):
     """``x~_i = sum_j alpha_ij x_j`` over the T task activations of one stage (Misra eq. 1)."""
 
     def __init__(
-        self, num_tasks: int, channels: int, mode: str, alpha_self: float, alpha_other: float
+        self,
+        num_tasks: int,
+        channels: int,
+        mode: str,
+        alpha_self: float,
+        alpha_other: float,
+        normalize_init: bool = False,
     ) -> None:
         super().__init__()
         T = num_tasks
         a = torch.full((T, T), float(alpha_other))
         a.fill_diagonal_(float(alpha_self))
-        a = a / a.sum(1, keepdim=True)
+        if normalize_init:
+            a = a / a.sum(1, keepdim=True)
         self.mode = mode
         self.alpha = nn.Parameter(a if mode == "scalar" else a[:, :, None].repeat(1, 1, channels))
 
@@ -116,6 +128,8 @@ class CrossStitch(MultiTaskModel):
         alpha_self: float = 0.9,
         alpha_other: float = 0.1,
         init_from: Mapping[str, Any] | None = None,
+        lr_scale: float = 100.0,
+        normalize_init: bool = False,
     ) -> None:
         super().__init__()
         if mode not in MODES:
@@ -130,12 +144,20 @@ class CrossStitch(MultiTaskModel):
                 f"model.options: alpha_self={alpha_self!r}, alpha_other={alpha_other!r}; "
                 "expected non-negative numbers with a positive row sum"
             )
+        if isinstance(lr_scale, bool) or not isinstance(lr_scale, (int, float)) or lr_scale <= 0:
+            raise ConfigError(f"model.options.lr_scale: got {lr_scale!r}, expected a number > 0")
+        if not isinstance(normalize_init, bool):
+            raise ConfigError(
+                f"model.options.normalize_init: got {normalize_init!r}, expected true or false"
+            )
+        self.lr_scale = float(lr_scale)
         self.tasks = list(tasks)
         nets = {t: SingleTaskNet(task, backbone, head) for t, task in tasks.items()}
         bb = nets[self.tasks[0]].backbone
         # units first: the last shared weight in parameter order is then a backbone layer
         self.stitch = nn.ModuleList(
-            CrossStitchUnit(T, c, mode, alpha_self, alpha_other) for c in bb.stage_channels
+            CrossStitchUnit(T, c, mode, alpha_self, alpha_other, normalize_init)
+            for c in bb.stage_channels
         )
         self.nets = nn.ModuleDict(nets)
         for t, source in (init_from or {}).items():
@@ -145,6 +167,13 @@ class CrossStitch(MultiTaskModel):
                     f"{where}: {t!r} is not a task of this model ({', '.join(self.tasks)})"
                 )
             load_single_task(nets[t], t, source, where)
+
+    def parameter_groups(self) -> list[dict[str, Any]]:
+        """The networks at the base learning rate, the units at ``lr_scale`` times it."""
+        units = {id(p) for p in self.stitch.parameters()}
+        rest = [p for p in self.parameters() if p.requires_grad and id(p) not in units]
+        stitch = [p for p in self.stitch.parameters() if p.requires_grad]
+        return [{"params": rest}, {"params": stitch, "lr_scale": self.lr_scale}]
 
     def shared_parameters(self) -> Iterator[nn.Parameter]:
         yield from self.stitch.parameters()

@@ -25,7 +25,16 @@ output); otherwise (e.g. ResNet's stem) ``u_j = p_j``.
 With every mask fixed to 1 (``set_fixed_masks(True)``, a test hook) ``a_L^t = p_L`` and the
 model computes exactly hard parameter sharing with the same backbone and heads.
 
-Parameters: shared = the backbone and the ``f`` blocks; task ``t`` = its masks and its head.
+Parameters: shared = the backbone and the ``f`` blocks; task ``t`` = its head, and its masks
+with ``attention_params: task`` (default). The official codes disagree on the masks, and a
+gradient balancer sees the difference (which gradients enter the Gramian, what a shared-gradient
+clip bounds, how the masks are scaled): CAGrad's NYUv2 code (Cranial-XIX/CAGrad
+``nyuv2/model_segnet_mt.py``, ``shared_modules``) leaves ``encoder_att``/``decoder_att`` out of
+the shared modules, so each mask gets its own task's plain gradient (``task``); Nash-MTL's and
+FAMO's (``experiments/nyuv2/models.py``, ``SegNetMtan.shared_parameters``: every parameter
+whose name lacks ``pred``) and Aligned-MTL's (SamsungLabs/MTL, ``MTANEncoder``) count them as
+shared (``shared``): they are then in ``G``, in the clip of Nash-MTL, and get the aggregated
+update. ``configs/nyuv2/published`` sets each paper's choice.
 There is no single shared representation (the shared ``f`` blocks act on task features), so
 ``has_representation`` is False and gradient balancers work in parameter space.
 """
@@ -117,6 +126,7 @@ class MTAN(MultiTaskModel):
         backbone: Mapping[str, Any],
         head: Mapping[str, Any],
         reduction: int = 1,
+        attention_params: str = "task",
     ) -> None:
         super().__init__()
         if not isinstance(reduction, int) or isinstance(reduction, bool) or reduction < 1:
@@ -124,6 +134,12 @@ class MTAN(MultiTaskModel):
                 f"model.options.reduction: got {reduction!r}, expected a positive integer "
                 "(mask bottleneck = channels // reduction; 1 in the SegNet-MTAN, 4 in ResNet-MTAN)"
             )
+        if attention_params not in ("task", "shared"):
+            raise ConfigError(
+                f"model.options.attention_params: got {attention_params!r}, expected task "
+                "(CAGrad's code) or shared (Nash-MTL's and FAMO's code)"
+            )
+        self.attention_params = attention_params
         self.tasks = list(tasks)
         bb = build_backbone(backbone)
         n, C, S = bb.num_stages, bb.stage_channels, bb.stage_strides
@@ -164,7 +180,8 @@ class MTAN(MultiTaskModel):
     @staticmethod
     def _inner_channels(bb: Backbone) -> list[int]:
         """Channels of every ``u_j``, from one small dry run in eval mode."""
-        size = 4 * max(bb.stage_strides)
+        # a backbone of valid convolutions (LeNet) declares the smallest input it accepts
+        size = max(4 * max(bb.stage_strides), getattr(bb, "min_size", 0))
         dev = next(bb.parameters()).device
         x = torch.zeros(1, 3, size, size, device=dev)
         mode = bb.training
@@ -184,11 +201,14 @@ class MTAN(MultiTaskModel):
                 m.fixed = fixed
 
     def shared_parameters(self) -> Iterator[nn.Parameter]:
+        if self.attention_params == "shared":
+            yield from self.attention.parameters()
         yield from self.carry.parameters()
         yield from self.backbone.parameters()
 
     def task_parameters(self, task: str) -> Iterator[nn.Parameter]:
-        yield from self.attention[task].parameters()
+        if self.attention_params == "task":
+            yield from self.attention[task].parameters()
         yield from self.heads[task].parameters()
 
     def forward(self, image: torch.Tensor) -> dict[str, torch.Tensor]:

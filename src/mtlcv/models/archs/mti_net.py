@@ -154,7 +154,7 @@ class MTINet(MultiTaskModel):
                 f"model.options.aggregation: got {aggregation!r}, expected hrnet or head"
             )
         self.tasks = list(tasks)
-        self.final_tasks = check_final_tasks(final_tasks, self.tasks)
+        self.final_tasks = check_final_tasks(final_tasks, tasks)
         self.aux_weight = check_weight(aux_weight, "aux_weight")
         bb = build_backbone(backbone)
         n = bb.num_stages

@@ -15,8 +15,10 @@ The full PAD-Net is ``c``, the best module of the paper's ablation (Table 1), he
 ``W`` are 3x3 convolutions without bias (as in Vandenhende et al.'s implementation).
 
 The paper predicts auxiliary tasks that are only supervised at the intermediate stage (normals
-and contours feeding depth and segmentation): list the tasks that get a final prediction in
-``final_tasks`` (default: all). Every task has an intermediate prediction; a final task's loss is
+and contours feeding depth and segmentation): mark them in the config's ``aux_tasks`` (the one
+mechanism for auxiliary tasks: they are then also left out of model selection and Δm); the
+others get a final prediction. ``final_tasks`` overrides that choice (default: the tasks that
+are not auxiliary). Every task has an intermediate prediction; a final task's loss is
 ``L(final) + aux_weight * L(intermediate)`` (through :meth:`deep_supervision`), an auxiliary
 task's output *is* its intermediate prediction. Image-level tasks work too: their intermediate
 and final heads are global-pooling classifiers on spatial features.
@@ -55,9 +57,10 @@ def predictor(channels: int, task: Any) -> TaskHead:
     return TaskHead(ClassifierHead(channels, task.channels), dense=False)
 
 
-def check_final_tasks(final_tasks: Sequence[str] | None, tasks: list[str]) -> list[str]:
+def check_final_tasks(final_tasks: Sequence[str] | None, tasks: Mapping[str, Any]) -> list[str]:
+    """The tasks that get a final prediction: ``final_tasks``, else those not auxiliary."""
     if final_tasks is None:
-        return list(tasks)
+        return [t for t, task in tasks.items() if not getattr(task, "auxiliary", False)]
     if isinstance(final_tasks, str) or not final_tasks or any(t not in tasks for t in final_tasks):
         raise ConfigError(
             f"model.options.final_tasks: got {final_tasks!r}, expected a non-empty list of "
@@ -128,7 +131,7 @@ class PADNet(MultiTaskModel):
                 f"model.options.channels: got {channels!r}, expected a positive integer"
             )
         self.tasks = list(tasks)
-        self.final_tasks = check_final_tasks(final_tasks, self.tasks)
+        self.final_tasks = check_final_tasks(final_tasks, tasks)
         self.aux_weight = check_weight(aux_weight, "aux_weight")
         self.backbone = build_backbone(backbone)
         cin = self.backbone.out_channels

@@ -8,7 +8,12 @@ and its mirror image as decoder; every block is followed by 2x2 max pooling in t
 preceded by max *unpooling* with the pooling indices of the matching encoder block in the
 decoder. Convolutions keep their bias and use Xavier-normal initialisation, as in that code, so
 that parameter counts match the paper's (one 13-class SegNet: 24,981,069 parameters, of which
-the trunk here holds all but the 3x3 + 1x1 prediction layers).
+the trunk here holds all but the 3x3 + 1x1 prediction layers: the ``mtan`` head).
+
+Input: like mtan's SegNet (which is trained from scratch and reads mtan's NYUv2 release, images
+in [0, 1]), the image enters as is (``standardize=False``); ``standardize=True`` subtracts the
+ImageNet mean and divides by its std first, as the other backbones do for their pretrained
+weights (SegNet has none here).
 
 Stages (10): encoder blocks 0-4 at strides 1, 2, 4, 8, 16 (each of stages 1-4 first max-pools
 its input) and decoder blocks 5-9 at strides 16, 8, 4, 2, 1 (stage 5 first pools the last
@@ -41,11 +46,11 @@ class SegNet(Backbone):
 
     decoder_start = 5
 
-    def __init__(self, width: int = 64) -> None:
+    def __init__(self, width: int = 64, standardize: bool = False) -> None:
         super().__init__()
         f = [width, 2 * width, 4 * width, 8 * width, 8 * width]
         layers = [2, 2, 3, 3, 3]
-        self.normalize = ImageNormalize()
+        self.normalize = ImageNormalize() if standardize else nn.Identity()
         enc = []
         for i in range(5):
             cin = 3 if i == 0 else f[i - 1]
@@ -89,10 +94,16 @@ class SegNet(Backbone):
 
 
 @BACKBONES.register("segnet")
-def segnet(width: int = 64) -> SegNet:
-    """SegNet encoder-decoder (VGG-16, as in MTAN's NYUv2 code); 10 stages, output stride 1."""
+def segnet(width: int = 64, standardize: bool = False) -> SegNet:
+    """SegNet encoder-decoder (VGG-16, as in MTAN's NYUv2 code); 10 stages, output stride 1.
+
+    ``standardize``: ImageNet standardisation of the input (off: mtan feeds [0, 1] images)."""
     if not isinstance(width, int) or isinstance(width, bool) or width < 1:
         raise ConfigError(
             f"model.backbone 'segnet': width must be a positive integer, got {width!r}"
         )
-    return SegNet(width)
+    if not isinstance(standardize, bool):
+        raise ConfigError(
+            f"model.backbone 'segnet': standardize must be true or false, got {standardize!r}"
+        )
+    return SegNet(width, standardize)
