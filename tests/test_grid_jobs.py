@@ -48,13 +48,20 @@ def test_interrupted_parallel_grid_resumes_to_the_sequential_numbers(scenes_root
     par, seq = tmp_path / "par", tmp_path / "seq"
     cmd = [sys.executable, "-m", "mtlcv", "compare", "--config", str(cfg), "--out", str(par),
            "--jobs", "2"]
-    env = dict(os.environ, PYTHONUNBUFFERED="1")
+    # every step of the runs it starts sleeps 0.4 s (tests/fault_hooks): the grid is still
+    # training when the signal comes, however busy the machine
+    hooks = str(Path(__file__).parent / "fault_hooks")
+    env = dict(os.environ, PYTHONUNBUFFERED="1", MTLCV_TEST_STEP_DELAY="0.4",
+               PYTHONPATH=os.pathsep.join([hooks, *filter(None, [os.environ.get("PYTHONPATH")])]))
     runs = [par / "hps" / f"seed{s}" for s in (0, 1)]
     with open(tmp_path / "out.txt", "w") as out:
         # its own session, as a terminal's foreground job: Ctrl-C reaches the grid process,
         # which must pass it on to the runs it started
+        # SIGINT as in a terminal even when the suite itself runs in the background (a
+        # background job starts with SIGINT ignored, and Python keeps an ignored SIGINT)
         proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=env,
-                                start_new_session=True)
+                                start_new_session=True,
+                                preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
         deadline = time.monotonic() + 300
         while not (runs[0] / "last.pt").is_file() and proc.poll() is None:
             assert time.monotonic() < deadline, "the grid did not start"

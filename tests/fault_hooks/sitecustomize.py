@@ -7,6 +7,8 @@ start-up when this folder is on PYTHONPATH. Does nothing unless one of these is 
 * ``MTLCV_TEST_HANG_IN_SAVE=MARKER``: the next ``last.pt`` write stops half-way (half the bytes
   on disk), creates the file MARKER and sleeps, so that a test can SIGKILL it mid-write.
 
+* ``MTLCV_TEST_STEP_DELAY=S``: every optimizer step sleeps S seconds first (a slow run, so that
+  a test can interrupt it mid-training on a busy machine);
 * ``MTLCV_TEST_IMPORT=mod1,mod2`` (in a torchrun worker): import these modules first (e.g.
   ``ddp_worker``, which registers a test dataset).
 
@@ -36,6 +38,20 @@ if os.environ.get("MTLCV_TEST_KILL_AT_STEP") and os.environ.get("RANK", "0") == 
         return _step(self, batch)
 
     _trainer.Trainer.train_step = _train_step
+
+if os.environ.get("MTLCV_TEST_STEP_DELAY"):
+    import time as _time
+
+    from mtlcv.engine import trainer as _trainer
+
+    _delay = float(os.environ["MTLCV_TEST_STEP_DELAY"])
+    _slow_step = _trainer.Trainer.train_step
+
+    def _delayed_step(self, batch):
+        _time.sleep(_delay)
+        return _slow_step(self, batch)
+
+    _trainer.Trainer.train_step = _delayed_step
 
 if os.environ.get("MTLCV_TEST_HANG_IN_SAVE"):
     import io
