@@ -161,8 +161,8 @@ class AutoLambda(Weighting):
         optimizer: Any = closures[OPTIMIZER]()
         groups = {id(p): g for g in optimizer.param_groups for p in g["params"]}
         lam = self.meta_weights.detach().to(device=losses.device, dtype=losses.dtype)
-        grads = torch.autograd.grad((lam * losses).sum(), params, retain_graph=True,
-                                    allow_unused=True)
+        grads = list(torch.autograd.grad((lam * losses).sum(), params, retain_graph=True,
+                                         allow_unused=True))
         originals = [p.data for p in params]
         # the meta passes run on copies of the buffers (BatchNorm's running statistics), which
         # the step's graph may have saved: the originals are neither changed nor version-bumped
@@ -173,16 +173,20 @@ class AutoLambda(Weighting):
         alphas: list[float] = []
         try:
             # θ' by replacing each parameter's data: the step's graph keeps the originals
-            for p, g in zip(params, grads):
-                alpha, step = virtual_step(p, g, groups.get(id(p)), optimizer.state.get(p, {}))
+            for k, p in enumerate(params):
+                alpha, step = virtual_step(p, grads[k], groups.get(id(p)),
+                                           optimizer.state.get(p, {}))
+                grads[k] = None  # memory: the gradient is not needed once θ' is formed
                 alphas.append(alpha)
                 p.data = p.data - alpha * step
+                del step
             val = closures[HELDOUT_LOSSES]()
             objective = (val * self.primary_mask.to(val)).sum()
             d = torch.autograd.grad(objective, params, allow_unused=True)
             # v = A d (A = each parameter's learning rate): ∇_λ_i = -⟨∇_θ L_i, v⟩
-            v = [torch.zeros_like(p) if di is None else a * di.detach()
+            v = [torch.zeros_like(p) if di is None else di.detach().mul_(a)
                  for p, di, a in zip(params, d, alphas)]
+            del d
             for p, o in zip(params, originals):
                 p.data = o
             if self.meta_grad == "exact":
