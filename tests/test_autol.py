@@ -227,3 +227,17 @@ def test_trainer_hands_autol_a_heldout_batch_and_its_optimizer(small_cfg, tmp_pa
         assert held.shape == img.shape and not torch.equal(held, img)
     assert not torch.equal(seen[0][1], seen[1][1])
     assert not torch.equal(trainer.balancer.meta_weights, torch.full((3,), 0.1))
+
+
+def test_a_non_finite_meta_gradient_leaves_lambda_alone():
+    model = _toy()
+    opt = _sgd_with_momentum(model)
+    batch = (torch.randn(16, 4), torch.randn(16, 3))
+    heldout = (torch.randn(16, 4), torch.full((16, 3), float("nan")))
+    b = balancing.create("autol", num_tasks=3)
+    before_backward(b, StepContext(batch, _losses_of(model), heldout=lambda: heldout,
+                                   optimizer=opt))
+    logs = b.backward(_losses_of(model)(batch), model)
+    assert logs["meta_skipped"] == 1.0
+    assert torch.equal(b.meta_weights, torch.full((3,), 0.1)) and int(b.adam_steps) == 0
+    assert all(torch.isfinite(p.grad).all() for p in model.parameters())

@@ -144,7 +144,10 @@ class AutoLambda(Weighting):
         logs: dict[str, float] = {}
         if closures is not None and model is not None:
             grad = self.meta_gradient(losses, model, closures)
-            self.meta_update(grad)
+            if bool(torch.isfinite(grad).all()):
+                self.meta_update(grad)
+            else:  # e.g. a non-finite held-out loss: λ keeps its value rather than turn NaN
+                logs["meta_skipped"] = 1.0
         w = self.weights(losses)
         (w * losses).sum().backward()
         self.sync_gradients(model)
@@ -197,7 +200,9 @@ class AutoLambda(Weighting):
                     out[i] = -sum(float((g * vi).sum()) for g, vi in zip(gi, v) if g is not None)
                 return out.to(self.meta_weights)
             norm = float(torch.sqrt(sum((vi.double() ** 2).sum() for vi in v)))
-            if norm == 0.0 or norm != norm:
+            if norm != norm or norm == float("inf"):  # non-finite: the caller skips the update
+                return torch.full_like(self.meta_weights, float("nan"))
+            if norm == 0.0:  # no primary gradient reaches the parameters: nothing to learn
                 return torch.zeros_like(self.meta_weights)
             eps = self.fd_step / norm
             with torch.no_grad():
