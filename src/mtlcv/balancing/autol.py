@@ -76,6 +76,9 @@ class AutoLambda(Weighting):
     weighted sum with the current ``λ`` and ``λ`` does not move; the trainer always provides
     the closures. Single-process only (the trainer refuses it under torchrun in one line).
 
+    A step whose meta-gradient is not finite (e.g. a non-finite held-out loss) keeps ``λ`` and
+    logs ``meta_skipped``.
+
     State (``state_dict()``): ``λ`` and the meta optimizer's Adam moments and step count.
 
     Args:
