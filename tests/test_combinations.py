@@ -86,3 +86,42 @@ def test_rep_mode_on_a_model_without_separable_representation_warns(batch):
     losses = torch.stack([tasks[t].loss(preds[t], batch[t]) for t in TASK_NAMES])
     with pytest.warns(RuntimeWarning, match="no separable shared representation"):
         bal.backward(losses, model)
+
+
+@pytest.mark.parametrize("arch", ARCHS.names())
+def test_autol_meta_step_on_every_architecture(arch, batch):
+    """Auto-λ's meta step (virtual step, held-out pass, finite difference) through the step
+    contract on every architecture: λ moves, the model's parameters and buffers are bitwise as
+    before, and the network's gradient is that of Σ λ_t L_t with the new λ."""
+    from mtlcv.engine.closures import StepContext, before_backward
+
+    tasks = {t: TASKS.create(t) for t in TASK_NAMES}
+    model = shared_model(arch, tasks)
+
+    def losses_of(b):
+        preds = model(b["image"])
+        aux = model.deep_supervision()
+        return torch.stack([tasks[t].loss(preds[t], b[t])
+                            + sum(w * tasks[t].loss(p, b[t]) for w, p in aux.get(t, ()))
+                            for t in TASK_NAMES])
+
+    held = {k: v.flip(0) for k, v in batch.items()}  # another batch: the images swapped
+    bal = balancing.create("autol", num_tasks=3, lr=0.01)
+    opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
+    torch.manual_seed(0)
+    losses = losses_of(batch)
+    state = copy.deepcopy(model.state_dict())
+    before_backward(bal, StepContext(batch, losses_of, heldout=lambda: held, optimizer=opt))
+    bal.backward(losses, model)
+    assert not torch.equal(bal.meta_weights, torch.full((3,), 0.1))
+    for k, v in model.state_dict().items():
+        assert torch.equal(v, state[k]), k
+    got = [p.grad.clone() if p.grad is not None else None for p in model.parameters()]
+    model.zero_grad(set_to_none=True)
+    torch.manual_seed(0)
+    (bal.meta_weights * losses_of(batch)).sum().backward()
+    for g, p in zip(got, model.parameters()):
+        if g is None or p.grad is None:
+            assert g is None and p.grad is None
+        else:
+            torch.testing.assert_close(g, p.grad)

@@ -193,6 +193,9 @@ RESUME_CASES = {
     "fixed": {},
     "famo": {"balancer": {"name": "famo"}},
     "si": {"balancer": {"name": "si"}},
+    # Auto-λ: λ and its Adam state, the held-out order, SGD's momentum in the virtual step
+    "autol": {"balancer": {"name": "autol", "options": {"lr": 0.01}},
+              "optim": {"name": "sgd", "lr": 0.01, "momentum": 0.9}},
     "groups-aux-published": {
         "model": {"arch": "cross_stitch", "backbone": {"name": "tiny", "width": 8},
                   "head": {"name": "light"}},
@@ -246,6 +249,9 @@ def test_mid_epoch_stop_then_resume_is_bitwise_in_process(small_cfg, tmp_path, c
     if case == "famo":  # the closure ran: the logits moved away from equal weights
         assert int(b["balancer"]["has_prev"]) == 1
         assert not torch.equal(b["balancer"]["logits"], torch.zeros(3, dtype=torch.float64))
+    if case == "autol":  # the meta step ran: λ and the Adam moments moved
+        assert int(b["balancer"]["adam_steps"]) == 10
+        assert not torch.equal(b["balancer"]["meta_weights"], torch.full((3,), 0.1))
     if case == "groups-aux-published":
         groups = again.optimizer.param_groups
         scale = [g["lr"] / g["initial_lr"] for g in groups]  # one schedule over every group

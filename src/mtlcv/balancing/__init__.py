@@ -35,6 +35,7 @@ sdmgrad       Xiao et al. 2023                  gradient aggregation   param (ex
 modo          Chen et al. 2023                  gradient aggregation   param (exact)
 config        Liu et al. 2025 (ConFIG)          gradient aggregation   param (exact)
 dualproj      Quinton & Rey 2024 (torchjd)      gradient aggregation   param (exact)
+autol         Liu et al. 2022 (Auto-λ)          loss weighting         - (meta: held-out)
 ============  ================================  =====================  =====================
 
 Every gradient method takes ``mode="param" | "rep"``; "rep" (representation gradients, the
@@ -48,6 +49,7 @@ from typing import Any
 from ..registry import BALANCERS
 from . import (  # noqa: F401  (registers)
     aligned_mtl,
+    autol,
     cagrad,
     conflictfree,
     dbmtl,

@@ -32,12 +32,33 @@ names to callables (:mod:`mtlcv.engine.closures`), never asks which method it ru
   training mode, exactly as the step's own losses were computed (FAMO's "loss after the
   update", Liu et al. 2023, Algorithm 1). It costs one forward pass, and only when called.
 
-Extending to another batch: a need such as the per-task losses of a *held-out* batch (Auto-λ,
-Liu et al. 2022, evaluates its meta-objective on validation data) is a new name here, one
-provider in ``mtlcv.engine.closures`` that draws that batch from its own loader and returns its
-losses (with gradients, if the name says so), and a balancer that lists it in ``needs``. The
-callable carries everything it needs; ``after_step``'s signature does not change. Nothing else
-in the trainer changes.
+* ``"heldout_losses"`` (:data:`HELDOUT_LOSSES`): the per-task losses ``[T]`` of a *held-out*
+  batch, one the step does not train on, computed **with gradients** by the model as it is when
+  the closure is called (training mode). The trainer draws it from the training split in a
+  second, independently shuffled order (seed ``seed + 1_000_003 + epoch``, batch ``k`` of that
+  order at step ``k``, so a resumed run draws the same batches), which is what Auto-λ's
+  official code uses as its "validation" data. One forward pass per call.
+* ``"batch_losses"`` (:data:`BATCH_LOSSES`): the per-task losses ``[T]`` of the step's own batch,
+  recomputed (with gradients unless the caller disables them) by the model as it is when the
+  closure is called. One forward pass per call.
+* ``"optimizer"`` (:data:`OPTIMIZER`): the trainer's ``torch.optim.Optimizer`` itself (its
+  param groups' ``lr``/``momentum``/``weight_decay`` and its state, e.g. SGD's momentum
+  buffers), for a balancer that simulates the optimizer's next step. Read it; never step it.
+
+When the closures are handed over: ``losses_after_step`` only makes sense after the step, in
+``after_step``; the others are also handed over *before* the step, by
+``before_backward(closures)``, which the trainer calls right before ``backward`` (same mapping,
+one callable per name in ``needs``); a balancer that uses them there keeps the mapping for its
+``backward`` (Auto-λ's meta-update comes before the network's update, as in its official
+code). A loop that does not run the step contract (a bare ``backward``) gets no closures; each
+balancer with needs documents what it does then (FAMO: no logit update; Auto-λ: no meta-update).
+The needs ``heldout_losses``, ``batch_losses`` and ``optimizer`` are single-process for now: under
+torchrun the trainer refuses them in one line at construction.
+
+Extending to another need: a new name here, one provider in ``mtlcv.engine.closures`` (and a
+field of its ``StepContext`` if the provider needs more than the trainer passes), and a
+balancer that lists it in ``needs``. The callable carries everything it needs; the hooks'
+signatures do not change. Nothing else in the trainer changes.
 
 Construction: ``mtlcv.balancing.create(name, num_tasks=T, **options)``.
 """
@@ -58,7 +79,15 @@ if TYPE_CHECKING:
 #: ``needs`` name: the per-task losses of the same batch after ``optimizer.step()`` (no grad)
 LOSSES_AFTER_STEP = "losses_after_step"
 
+#: ``needs`` name: the per-task losses of a held-out batch, with gradients (Auto-λ)
+HELDOUT_LOSSES = "heldout_losses"
+#: ``needs`` name: the per-task losses of the step's batch at the current parameters
+BATCH_LOSSES = "batch_losses"
+#: ``needs`` name: the trainer's optimizer (read only)
+OPTIMIZER = "optimizer"
+
 #: a closure the trainer passes to ``after_step``: no arguments, per-task losses ``[T]``
+#: (``optimizer``'s returns the optimizer)
 LossClosure = Callable[[], torch.Tensor]
 
 
@@ -87,6 +116,10 @@ class Balancer(nn.Module):
         """Called after ``optimizer.step()`` with one callable per name in ``needs`` (the module
         doc lists them); returns values to log. Not called when ``needs`` is empty."""
         return {}
+
+    def before_backward(self, closures: Mapping[str, LossClosure]) -> None:
+        """Called right before ``backward`` with one callable per name in ``needs`` (the module
+        doc says which are meaningful then). Not called when ``needs`` is empty."""
 
     def on_epoch_end(
         self,

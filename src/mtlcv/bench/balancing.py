@@ -2,8 +2,9 @@
 
 One training step is what the trainer does: ``forward -> per-task losses -> balancer.backward ->
 optimizer.step -> balancer.after_step`` (Adam, the library's default optimizer; ``.grad`` set to
-None before the step, as the trainer does; ``after_step`` runs the closures the balancer asks
-for, e.g. FAMO's second forward pass on the same batch). Every registered balancer runs with
+None before the step, as the trainer does; ``before_backward`` and ``after_step`` run the
+closures the balancer asks for, e.g. FAMO's second forward pass on the same batch, Auto-λ's
+meta step, whose held-out batch is the step's batch here). Every registered balancer runs with
 its published defaults on the same hard-sharing model (HPS, light heads) and the same random
 batch of 8; the model's weights are restored before every step, so every step sees the same
 numbers. Configurations: the tiny
@@ -177,13 +178,18 @@ class _Runner:
         return torch.stack([t.loss(preds[n], batch[n]) for n, t in self.tasks.items()])
 
     def step(self) -> torch.Tensor:
-        from ..engine.closures import StepContext, after_step
+        from ..engine.closures import StepContext, after_step, before_backward
 
         losses = self.losses(self.batch)
+        # as the trainer: the closures a balancer uses before the update (Auto-λ's meta step;
+        # its held-out batch is the same batch here: same cost, the bench measures time)
+        ctx = StepContext(self.batch, self.losses, heldout=lambda: self.batch,
+                          optimizer=self.optimizer)
+        before_backward(self.balancer, ctx)
         self.balancer.backward(losses, self.model)
         self.optimizer.step()
         # what the trainer does next: the closures the balancer asked for (FAMO's extra forward)
-        after_step(self.balancer, StepContext(self.batch, self.losses))
+        after_step(self.balancer, ctx)
         return losses.detach()
 
     def live_bytes(self) -> int:

@@ -70,7 +70,7 @@ from .checkpoint import (
     seed_everything,
     set_rng_state,
 )
-from .closures import StepContext, after_step, check_needs
+from .closures import StepContext, after_step, before_backward, check_needs
 from .evaluate import Metrics, check_batch, evaluate, to_device
 from .experiment import (
     Experiment,
@@ -609,6 +609,8 @@ class Trainer:
             return None
         self.optimizer.zero_grad(set_to_none=True)
         with self._shared_rng():
+            # closures a balancer uses before the update (Auto-λ: held-out batch, optimizer)
+            before_backward(self.balancer, self._step_context(batch))
             step_logs = self.balancer.backward(losses, self.model) or {}
         extra = self.model.extra_loss()
         if extra is not None:
@@ -748,7 +750,30 @@ class Trainer:
             with self._own_rng():
                 return self._losses(self.model(b["image"]), b, record=False)
 
-        return StepContext(batch, losses_of)
+        return StepContext(batch, losses_of, heldout=self._heldout_batch, optimizer=self.optimizer)
+
+    #: seed offset of the held-out order (``heldout_losses``), apart from the training order's
+    HELDOUT_SEED = 1_000_003
+    _heldout: tuple[tuple[int, int], Iterator[Any]] | None = None
+
+    def _heldout_batch(self) -> dict[str, Any]:
+        """Batch ``step`` of the training split in a second order drawn from ``seed +
+        HELDOUT_SEED + epoch`` (Auto-λ's "val" batch: its official code reshuffles the training
+        set). A function of (epoch, step) alone, so a resumed run draws the same batches."""
+        cfg, key = self.cfg, (self.epoch, self.step)
+        if self._heldout is None or self._heldout[0] != key:
+            loader = make_loader(
+                cfg, self.exp.datasets["train"], train=True,
+                seed=cfg.seed + self.HELDOUT_SEED + self.epoch, epoch=self.epoch,
+                start=self.step, rank=distributed.rank(), world=distributed.world_size(),
+            )
+            self._heldout = (key, iter(loader))
+        it = self._heldout[1]
+        batch = next(it)
+        self._heldout = ((self.epoch, self.step + 1), it)
+        batch = to_device(batch, self.device)
+        check_batch(batch, self.tasks)
+        return batch
 
     def _delta_m(self, metrics: Metrics, split: str) -> float:
         """Δm of the main tasks against the baselines of ``split``."""
