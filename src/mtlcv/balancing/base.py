@@ -126,11 +126,13 @@ class Weighting(Balancer):
         return weight_logs(w)
 
 
-def weight_logs(w: torch.Tensor | None) -> dict[str, float]:
-    """``{"w0": ..., "w1": ...}``: the task weights as floats, for the training log."""
+def weight_logs(w: torch.Tensor | None) -> dict[str, torch.Tensor]:
+    """``{"w0": ..., "w1": ...}``: the task weights for the training log, as 0-d tensors on the
+    weights' device (``float()`` reads one): the trainer sums them over the epoch on the device
+    and reads them once, so logging never makes the step wait for the device."""
     if w is None:
         return {}
-    return {f"w{k}": float(v) for k, v in enumerate(w.detach().flatten().tolist())}
+    return {f"w{k}": v for k, v in enumerate(w.detach().flatten().unbind())}
 
 
 class GradientBalancer(Balancer):
