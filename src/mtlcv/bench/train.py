@@ -46,6 +46,7 @@ import statistics
 import sys
 import tempfile
 import time
+import warnings
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any, TextIO
@@ -181,6 +182,40 @@ def bench_step(data: dict[str, Any], batch_size: int, rounds: int, warmup: int,
         return {"batch_size": batch_size, "mtlcv_s": _median(t["mtlcv"]),
                 "hand_s": _median(t["hand"]), "ratio": ratio, "target": STEP_TARGET,
                 "met": ratio <= STEP_TARGET}
+
+
+def bench_options(data: dict[str, Any], batch_size: int, rounds: int, warmup: int,
+                  device: str, threads: int | None, compile: bool) -> dict[str, Any]:
+    """The trainer's step with ``train.channels_last`` (and ``train.compile``) against the
+    default, each its own trainer (same seed: same initial weights) on the same batch."""
+    variants = {"default": [], "channels_last": ["train.channels_last=true"]}
+    if compile:
+        variants["compile"] = ["train.compile=true"]
+    with contextlib.ExitStack() as stack:
+        trainers = {k: stack.enter_context(make_trainer(data, batch_size=batch_size,
+                                                        device=device, threads=threads,
+                                                        extra=v))
+                    for k, v in variants.items()}
+        batch = next(iter(trainers["default"].train_loader()))
+        snaps = {k: {n: v.detach().clone() for n, v in tr.model.state_dict().items()}
+                 for k, tr in trainers.items()}
+        dev = trainers["default"].device
+        t0 = time.perf_counter()
+        for tr in trainers.values():  # compilation happens here, outside the timing
+            tr.train_step(batch)
+        first = time.perf_counter() - t0
+
+        def prepare() -> None:
+            for k, tr in trainers.items():
+                tr.model.load_state_dict(snaps[k])
+
+        fns = {k: (lambda tr=tr: tr.train_step(batch)) for k, tr in trainers.items()}
+        t = interleaved(fns, prepare, rounds, warmup, dev)
+    out: dict[str, Any] = {"batch_size": batch_size, "first_steps_s": first}
+    for k in variants:
+        out[k] = {"step_s": _median(t[k]),
+                  "ratio": _median([a / b for a, b in zip(t[k], t["default"])])}
+    return out
 
 
 # ------------------------------------------------------------------ 2. vs torchjd
@@ -379,12 +414,17 @@ def _run(quick: bool, rounds: int, warmup: int, dev_name: str, dev: torch.device
     }
     say("[bench train] 1/3 trainer step vs hand-written loop")
     result["step"] = bench_step(demo, demo_bs, rounds, warmup, dev_name, threads)
+    say("[bench train] 1b/3 step options: channels_last" + ("" if quick else ", compile"))
+    result["options"] = bench_options(demo, demo_bs, rounds, warmup, dev_name, threads,
+                                      compile=not quick)
     say("[bench train] 2/3 UPGrad, MGDA, Nash-MTL vs torchjd")
     if torchjd_version() is None:
         result["torchjd"] = {"skipped": "torchjd is not installed (pip install 'mtlcv[bench]')"}
         say(f"[bench train] skipped: {result['torchjd']['skipped']}")
     else:
-        result["torchjd"] = bench_torchjd(jd_size, jd_bs, rounds, warmup, dev)
+        with warnings.catch_warnings():  # cvxpy's note on torchjd's Nash-MTL problem (not DPP)
+            warnings.simplefilter("ignore", UserWarning)
+            result["torchjd"] = bench_torchjd(jd_size, jd_bs, rounds, warmup, dev)
     say("[bench train] 3/3 data pipeline delivery vs step consumption")
     nyu_root = write_nyuv2_like(tmp / "nyuv2", max(nyu_bss) * (batches + 2), 2, nyu_size)
     nyu = {"name": "nyuv2", "root": str(nyu_root)}
@@ -407,6 +447,11 @@ def format_lines(res: dict[str, Any]) -> list[str]:
              f"step vs hand loop (batch {s['batch_size']}): {s['mtlcv_s'] * 1e3:.1f} ms vs "
              f"{s['hand_s'] * 1e3:.1f} ms = {s['ratio']:.3f}x (target <= {s['target']}x: "
              f"{verdict(s['met'])})"]
+    o = res["options"]
+    for k in o:
+        if isinstance(o[k], dict) and k != "default":
+            lines.append(f"step option {k}: {o[k]['step_s'] * 1e3:.1f} ms = {o[k]['ratio']:.3f}x "
+                         "the default step (made the default only if < 1)")
     jd = res["torchjd"]
     if "skipped" in jd:
         lines.append(f"vs torchjd: skipped, {jd['skipped']}")
