@@ -20,7 +20,8 @@ def _check_common(res: dict) -> None:
         assert math.isfinite(s[k]) and s[k] > 0, k
     assert s["met"] == (s["ratio"] <= bench.STEP_TARGET)
     o = res["options"]
-    assert set(o) == {"batch_size", "first_steps_s", "default", "channels_last"}  # quick: no compile
+    # quick: no compile
+    assert set(o) == {"batch_size", "first_steps_s", "default", "channels_last"}
     assert o["default"]["ratio"] == 1.0 and o["channels_last"]["step_s"] > 0
     assert [d["config"] for d in res["data"]] == ["demo", "nyuv2-shape-b2"]
     for d in res["data"]:
