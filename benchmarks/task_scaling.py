@@ -15,7 +15,8 @@ of (allocated - freed) during it, read from the CPU allocator's events recorded 
 ``torch.profiler`` (``profile_memory=True``; tensor storage only, not the allocator's cache);
 on CUDA, ``torch.cuda.max_memory_allocated``. Growth: a least-squares line ``time = a + b T``
 per method; ``b`` (seconds per added task) is reported also as a multiple of equal weighting's
-step time at T=2 (``x EW per task``), with R^2 of the fit.
+own slope (``x EW per task``: what one more task costs with the method over what it costs with
+equal weights, i.e. one more head), with R^2 of the fit.
 """
 
 from __future__ import annotations
@@ -112,7 +113,6 @@ def run(quick: bool = False, device: str = "cpu", threads: int = 1) -> dict[str,
         res["results"][str(T)] = measure(T, size, bs, rounds, warmup, dev)
         print(f"[task scaling] T={T} done ({time.perf_counter() - t0:.0f} s)", file=sys.stderr,
               flush=True)
-    ew2 = res["results"][str(ts[0])]["fixed"]["time_s"]
     res["growth"] = {}
     for m in METHODS:
         ys = [res["results"][str(T)][m]["time_s"] for T in ts]
@@ -120,16 +120,19 @@ def run(quick: bool = False, device: str = "cpu", threads: int = 1) -> dict[str,
         mem = [res["results"][str(T)][m]["peak_bytes"] for T in ts]
         _, bm, r2m = fit(list(ts), [float(x) for x in mem])
         res["growth"][m] = {"intercept_s": a, "slope_s_per_task": b, "r2": r2,
-                            "slope_x_ew_step": b / ew2, "mem_slope_bytes_per_task": bm,
-                            "mem_r2": r2m}
+                            "mem_slope_bytes_per_task": bm, "mem_r2": r2m}
+    ew = res["growth"]["fixed"]
+    for g in res["growth"].values():
+        g["slope_x_ew"] = g["slope_s_per_task"] / ew["slope_s_per_task"]
+        g["mem_slope_x_ew"] = g["mem_slope_bytes_per_task"] / ew["mem_slope_bytes_per_task"]
     return res
 
 
 def markdown(res: dict[str, Any]) -> str:
     ts = res["T"]
     head = "| method | " + " | ".join(f"T={T} ms (x EW)" for T in ts) + " | " + " | ".join(
-        f"T={T} MiB (x EW)" for T in ts) + " | time growth |"
-    lines = [head, "|" + "---|" * (2 * len(ts) + 2)]
+        f"T={T} MiB (x EW)" for T in ts) + " | time per added task | memory per added task |"
+    lines = [head, "|" + "---|" * (2 * len(ts) + 3)]
     for m in METHODS:
         cells = []
         for T in ts:
@@ -139,8 +142,10 @@ def markdown(res: dict[str, Any]) -> str:
             r = res["results"][str(T)][m]
             cells.append(f"{r['peak_bytes'] / 2**20:.1f} ({r['mem_ratio']:.2f})")
         g = res["growth"][m]
-        cells.append(f"{g['slope_s_per_task'] * 1e3:.1f} ms/task = {g['slope_x_ew_step']:.2f}x "
-                     f"EW(T=2) per task, R^2 {g['r2']:.3f}")
+        cells.append(f"{g['slope_s_per_task'] * 1e3:.1f} ms = {g['slope_x_ew']:.2f}x EW's "
+                     f"(R^2 {g['r2']:.3f})")
+        cells.append(f"{g['mem_slope_bytes_per_task'] / 2**20:.2f} MiB = "
+                     f"{g['mem_slope_x_ew']:.2f}x EW's (R^2 {g['mem_r2']:.3f})")
         lines.append(f"| {m} | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 
