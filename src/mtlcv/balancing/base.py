@@ -80,7 +80,9 @@ class Balancer(nn.Module):
         self.num_tasks = num_tasks
 
     def backward(self, losses: torch.Tensor, model: nn.Module | None = None) -> dict[str, float]:
-        """Set ``.grad`` from the loss vector ``losses`` (shape ``[T]``); return values to log."""
+        """Set ``.grad`` from the loss vector ``losses`` (shape ``[T]``); return values to log
+        (floats, or 0-d tensors, which the trainer sums on the device and reads once per epoch:
+        a ``float()`` here would make every step wait for the GPU)."""
         raise NotImplementedError
 
     def after_step(self, closures: Mapping[str, LossClosure]) -> dict[str, float]:
