@@ -519,10 +519,6 @@ def _write_row(row: torch.Tensor, params: Sequence[torch.Tensor],
 
 
 # ---------------------------------------------------------------------- Gramian without G
-#: rows kept (no extra backward pass for them) up to this many elements even beyond one
-#: gradient's worth: 2^23 float32 = 32 MiB (all of them for the tiny backbone's 3-8 tasks; a
-#: ResNet-18's 3 tasks need 4x that and are walked segment by segment as before)
-_KEEP_ELEMENTS = 1 << 23
 #: at most this many backward passes per task through one segment (parameter groups)
 _MAX_GROUPS = 4
 
@@ -638,9 +634,7 @@ def _encoder_gramian(
     left to the extra pass, and the ids of the shared parameters ``rep`` does not depend on.
     """
     T = R.shape[0]
-    # one gradient's worth of elements, and at least _KEEP_ELEMENTS: below that, keeping every
-    # row costs less memory than the activations of a step, and saves the extra backward pass
-    budget = max(sum(p.numel() for p in shared), _KEEP_ELEMENTS)
+    budget = sum(p.numel() for p in shared)  # one gradient's worth of elements
     segments = encoder_segments(rep, shared)
     reached = {id(p) for ps, _ in segments for p in ps}
     skip = {id(p) for p in shared if id(p) not in reached}
