@@ -164,8 +164,11 @@ def plot(res: dict[str, Any], path: Path) -> None:
                      label=m)
     axes[0].set(xlabel="tasks T", ylabel="step time (ms)", xscale="log", yscale="log")
     axes[1].set(xlabel="tasks T", ylabel="peak memory (MiB)", xscale="log")
+    from matplotlib.ticker import NullFormatter
+
     for ax in axes:
         ax.set_xticks(ts, [str(T) for T in ts])
+        ax.xaxis.set_minor_formatter(NullFormatter())
         ax.grid(alpha=0.3)
     axes[0].legend(fontsize=7)
     fig.suptitle(f"tiny HPS, {res['size'][0]}x{res['size'][1]}, batch {res['batch_size']}, "
@@ -183,8 +186,12 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--markdown", type=Path, help="write the markdown table here")
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--from-json", type=Path, help="no measurement: redraw from a saved result")
     args = ap.parse_args(argv)
-    res = run(args.quick, args.device, args.threads)
+    if args.from_json:
+        res = json.loads(args.from_json.read_text())
+    else:
+        res = run(args.quick, args.device, args.threads)
     if args.json:
         args.json.write_text(json.dumps(res, indent=2))
     if args.plot:

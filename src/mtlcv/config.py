@@ -118,11 +118,11 @@ class TrainConfig:
     #: scale; per-task gradients are unscaled before the balancer aggregates them, and a step
     #: whose gradients overflow is skipped, for every method alike); see docs/performance.md
     amp: str = "off"
-    #: keep the model's weights and activations in channels-last memory layout (faster
-    #: convolutions on some GPUs; measured slower on CPU, so off by default)
+    #: keep the model's weights and activations in channels-last memory layout (for GPUs'
+    #: tensor cores; no gain measured on CPU, so off by default: docs/performance.md)
     channels_last: bool = False
-    #: compile the model's forward pass with torch.compile (off by default: compilation takes
-    #: minutes on CPU and the tiny models gain nothing; see docs/performance.md)
+    #: compile the model's forward pass with torch.compile (off by default: no gain measured on
+    #: CPU, and a minute of compilation before the first step: docs/performance.md)
     compile: bool = False
 
 
