@@ -152,3 +152,23 @@ def test_eval_loaders_keep_their_workers(small_cfg, tmp_path):
     assert tr.val_loader.persistent_workers and not tr.train_loader().persistent_workers
     assert not tr.val_loader.pin_memory  # CPU training: nothing to pin for
     tr.close()
+
+
+def test_cli_sets_a_passive_omp_wait_policy_before_torch_is_imported(monkeypatch, capsys):
+    import subprocess
+
+    from mtlcv.cli import main
+
+    # the policy only takes effect if torch is not imported before main() runs
+    code = "import sys, mtlcv.cli; print('torch' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert out.stdout.strip() == "False", out.stderr
+    monkeypatch.delenv("OMP_WAIT_POLICY", raising=False)
+    assert main(["config", "keys"]) == 0
+    import os
+
+    assert os.environ["OMP_WAIT_POLICY"] == "PASSIVE"
+    monkeypatch.setenv("OMP_WAIT_POLICY", "ACTIVE")  # the user's choice wins
+    assert main(["config", "keys"]) == 0
+    assert os.environ["OMP_WAIT_POLICY"] == "ACTIVE"
+    capsys.readouterr()
