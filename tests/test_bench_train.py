@@ -43,6 +43,7 @@ def test_quick_without_torchjd_skips_that_comparison_with_a_line(monkeypatch, ca
     assert any(line.startswith("vs torchjd: skipped") for line in lines)
 
 
+@pytest.mark.slow
 def test_cli_quick_json_with_torchjd():
     pytest.importorskip("torchjd", reason="torchjd (optional: pip install 'mtlcv[bench]') absent")
     proc = subprocess.run(

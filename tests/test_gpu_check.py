@@ -15,6 +15,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 
 
+@pytest.mark.slow
 def test_the_python_part_runs_on_cpu_and_writes_its_json(tmp_path):
     out = tmp_path / "g.json"
     proc = subprocess.run(
