@@ -272,15 +272,18 @@ def cmd_data_check(args: argparse.Namespace) -> int:
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
-    from .bench.balancing import main as bench_balancing
+    if args.what == "train":
+        from .bench.train import main as bench_main
+    else:
+        from .bench.balancing import main as bench_main
 
     if "--json" not in args.options:
-        return bench_balancing(args.options)
+        return bench_main(args.options)
     import contextlib
 
     out = sys.stdout  # the JSON alone on stdout; anything else printed goes to stderr
     with contextlib.redirect_stdout(sys.stderr):
-        return bench_balancing(args.options, out=out)
+        return bench_main(args.options, out=out)
 
 
 def cmd_list(args: argparse.Namespace) -> int:
@@ -553,13 +556,14 @@ def build_parser() -> argparse.ArgumentParser:
     b = sub.add_parser("bench", help="benchmarks printed as ratios measured in one run")
     b.add_argument(
         "what",
-        choices=("balancing",),
-        help="balancing: step time and peak memory of every balancer vs equal weights",
+        choices=("balancing", "train"),
+        help="balancing: step time and peak memory of every balancer vs equal weights; train: "
+        "the training step vs a hand-written loop and vs torchjd, data delivery vs consumption",
     )
     b.add_argument(
         "options",
         nargs=argparse.REMAINDER,
-        help="options of the benchmark (see mtlcv bench balancing --help)",
+        help="options of the benchmark (see mtlcv bench balancing|train --help)",
     )
     b.set_defaults(func=cmd_bench)
 
@@ -681,7 +685,16 @@ def _rank_prefix() -> str | None:
     return "" if rank == 0 else f"[rank {rank}] "
 
 
+#: OpenMP's wait policy for the command line, unless the user sets one: idle threads of
+#: PyTorch's thread team sleep instead of spinning. Measured on a shared 2-core machine
+#: (docs/performance.md, "The demo on a laptop"): with two other busy processes, a demo step
+#: with the default two threads took 13.1 s spinning (active) and 0.46 s passive; quiet, 1.9 s
+#: and 0.34 s. OpenMP reads it once, when torch is first imported: main() sets it before that.
+OMP_WAIT_POLICY = "PASSIVE"
+
+
 def main(argv: Sequence[str] | None = None) -> int:
+    os.environ.setdefault("OMP_WAIT_POLICY", OMP_WAIT_POLICY)
     args = build_parser().parse_args(argv)
     previous = None
     if threading.current_thread() is threading.main_thread():

@@ -117,6 +117,16 @@ class TrainConfig:
     #: with several processes (torchrun): batch norm over the global batch (exact; see
     #: docs/distributed.md) instead of each process's own samples
     sync_bn: bool = True
+    #: mixed precision: off, bf16 (autocast, no scaling) or fp16 (autocast and a dynamic loss
+    #: scale; per-task gradients are unscaled before the balancer aggregates them, and a step
+    #: whose gradients overflow is skipped, for every method alike); see docs/performance.md
+    amp: str = "off"
+    #: keep the model's weights and activations in channels-last memory layout (for GPUs'
+    #: tensor cores; no gain measured on CPU, so off by default: docs/performance.md)
+    channels_last: bool = False
+    #: compile the model's forward pass with torch.compile (off by default: no gain measured on
+    #: CPU, and a minute of compilation before the first step: docs/performance.md)
+    compile: bool = False
 
 
 @dataclass
@@ -174,6 +184,8 @@ class ExperimentConfig:
 OPTIMIZERS = ("adam", "sgd", "adamw")
 PROTOCOLS = ("exact", "published")
 SCHEDULES = ("none", "step", "cosine")
+#: values of ``train.amp``
+AMP_MODES = ("off", "bf16", "fp16")
 ON_NONFINITE = ("stop", "skip")
 #: the dataset factory's own arguments, set by ``data.root``, the split and ``data.augment``
 DATASET_ARGUMENTS = ("root", "split", "augment")
@@ -328,6 +340,11 @@ def validate(cfg: ExperimentConfig) -> ExperimentConfig:
     if cfg.data.num_workers < 0:
         raise ConfigError(
             f"config key 'data.num_workers': got {cfg.data.num_workers}, expected >= 0"
+        )
+    if cfg.train.amp not in AMP_MODES:
+        raise ConfigError(
+            f"config key 'train.amp': got {cfg.train.amp!r}, expected one of "
+            f"{', '.join(AMP_MODES)}"
         )
     if cfg.train.on_nonfinite not in ON_NONFINITE:
         raise ConfigError(

@@ -109,7 +109,9 @@ class Balancer(nn.Module):
         self.num_tasks = num_tasks
 
     def backward(self, losses: torch.Tensor, model: nn.Module | None = None) -> dict[str, float]:
-        """Set ``.grad`` from the loss vector ``losses`` (shape ``[T]``); return values to log."""
+        """Set ``.grad`` from the loss vector ``losses`` (shape ``[T]``); return values to log
+        (floats, or 0-d tensors, which the trainer sums on the device and reads once per epoch:
+        a ``float()`` here would make every step wait for the GPU)."""
         raise NotImplementedError
 
     def after_step(self, closures: Mapping[str, LossClosure]) -> dict[str, float]:
@@ -159,11 +161,13 @@ class Weighting(Balancer):
         return weight_logs(w)
 
 
-def weight_logs(w: torch.Tensor | None) -> dict[str, float]:
-    """``{"w0": ..., "w1": ...}``: the task weights as floats, for the training log."""
+def weight_logs(w: torch.Tensor | None) -> dict[str, torch.Tensor]:
+    """``{"w0": ..., "w1": ...}``: the task weights for the training log, as 0-d tensors on the
+    weights' device (``float()`` reads one): the trainer sums them over the epoch on the device
+    and reads them once, so logging never makes the step wait for the device."""
     if w is None:
         return {}
-    return {f"w{k}": float(v) for k, v in enumerate(w.detach().flatten().tolist())}
+    return {f"w{k}": v for k, v in enumerate(w.detach().flatten().unbind())}
 
 
 class GradientBalancer(Balancer):

@@ -227,6 +227,11 @@ def make_loader(
     from .distributed import SampleSeeded, ShardedBatchSampler, split_evenly
 
     bs = cfg.data.batch_size if train else (cfg.data.eval_batch_size or cfg.data.batch_size)
+    # page-locked batches copy to a GPU asynchronously (to_device's non_blocking); the eval
+    # loaders live as long as the trainer, so their workers may too (the training loader is
+    # made anew each epoch, for its epoch's order and augmentation seeds)
+    pin = torch.cuda.is_available() and not str(cfg.train.device).startswith("cpu")
+    persistent = cfg.data.num_workers > 0 and not train
     gen = torch.Generator()  # the workers' base seed
     gen.manual_seed(int(seed) % 2**64)
     if train:
@@ -237,6 +242,7 @@ def make_loader(
             num_workers=cfg.data.num_workers,
             collate_fn=collate,  # targets that are not fixed-size tensors batch themselves
             generator=gen,
+            pin_memory=pin,
             persistent_workers=False,
         )
     if world > 1:
@@ -249,7 +255,8 @@ def make_loader(
             num_workers=cfg.data.num_workers,
             collate_fn=collate,
             generator=gen,
-            persistent_workers=False,
+            pin_memory=pin,
+            persistent_workers=persistent,
         )
     return DataLoader(
         ds,
@@ -258,7 +265,8 @@ def make_loader(
         num_workers=cfg.data.num_workers,
         collate_fn=collate,
         generator=gen,
-        persistent_workers=False,
+        pin_memory=pin,
+        persistent_workers=persistent,
     )
 
 

@@ -60,6 +60,7 @@ from ..analysis import delta_m, main_metrics, mean_rank, on_baseline_metrics
 from ..config import ExperimentConfig, load, to_dict
 from ..errors import CheckpointError, ConfigError, Preempted, TrainingError
 from . import distributed
+from .amp import Amp
 from .checkpoint import (
     _reason,
     atomic_save,
@@ -135,21 +136,37 @@ def _silent(_: str) -> None:
 
 @dataclass
 class EpochProgress:
-    """What the current epoch has accumulated so far (saved in mid-epoch checkpoints)."""
+    """What the current epoch has accumulated so far (saved in mid-epoch checkpoints).
+
+    The sums live on the training device and the balancer's logs may be 0-d tensors there: the
+    step never waits for the device to report a number (no host-device synchronisation per
+    step); they are read once, at the end of the epoch or for a checkpoint.
+    """
 
     sums: torch.Tensor  # per-task loss sums over the steps taken, float64
     counts: torch.Tensor  # per-task valid target elements seen (all processes), float64
-    logs: dict[str, float] = field(default_factory=dict)
+    logs: dict[str, Any] = field(default_factory=dict)  # float or 0-d float64 tensor
     train_time: float = 0.0
     skipped: int = 0
 
     @classmethod
-    def new(cls, tasks: int) -> EpochProgress:
-        return cls(torch.zeros(tasks, dtype=torch.float64), torch.zeros(tasks, dtype=torch.float64))
+    def new(cls, tasks: int, device: torch.device | None = None) -> EpochProgress:
+        def zeros() -> torch.Tensor:
+            return torch.zeros(tasks, dtype=torch.float64, device=device)
+
+        return cls(zeros(), zeros())
+
+    def to(self, device: torch.device) -> EpochProgress:
+        self.sums, self.counts = self.sums.to(device), self.counts.to(device)
+        return self
+
+    def float_logs(self) -> dict[str, float]:
+        return {k: float(v) for k, v in self.logs.items()}
 
     def state(self) -> dict[str, Any]:
-        return {"sums": self.sums.clone(), "counts": self.counts.clone(), "logs": dict(self.logs),
-                "train_time": self.train_time, "skipped": self.skipped}
+        return {"sums": self.sums.cpu().clone(), "counts": self.counts.cpu().clone(),
+                "logs": self.float_logs(), "train_time": self.train_time,
+                "skipped": self.skipped}
 
     @classmethod
     def from_state(cls, s: dict[str, Any]) -> EpochProgress:
@@ -280,6 +297,12 @@ class Trainer:
         check_needs(self.balancer)  # a need no provider supplies fails now, not at step 1
         self.device = self.exp.device
         check_input_size(cfg, self.model, self.exp.datasets["train"], self.device)
+        # speed options (docs/performance.md): memory layout, compilation, mixed precision
+        if cfg.train.channels_last:
+            self.model.to(memory_format=torch.channels_last)
+        if cfg.train.compile:
+            self.model.compile()  # in place: the module (its attributes, hooks) stays the same
+        self.amp = Amp(cfg.train.amp, self.model, self.device)
         world = distributed.world_size()
         if ctx is not None:
             n = len(self.exp.datasets["train"])
@@ -426,6 +449,7 @@ class Trainer:
             "optimizer": self.optimizer.state_dict(),
             "scheduler": self.scheduler.state_dict(),
             "balancer": self.balancer.state_dict(),
+            "amp": self.amp.state_dict(),
             "rng": rng_state(),
             "world_size": distributed.world_size(),
             "history": self.history,
@@ -456,6 +480,7 @@ class Trainer:
             self.optimizer.load_state_dict(ckpt["optimizer"])
             self.scheduler.load_state_dict(ckpt["scheduler"])
             self.balancer.load_state_dict(ckpt["balancer"])
+            self.amp.load_state_dict(ckpt.get("amp"))
             rng = ckpt["rng"]
             if self.ctx is not None:
                 rng = ckpt["rng_ranks"][self.ctx.rank]
@@ -524,8 +549,8 @@ class Trainer:
         total = loader.batch_sampler.batches()
         steps = total if cfg.train.max_steps is None else min(total, cfg.train.max_steps)
         if self.progress is None:
-            self.progress = EpochProgress.new(len(self.names))
-        prog = self.progress
+            self.progress = EpochProgress.new(len(self.names), self.device)
+        prog = self.progress.to(self.device)
         self.model.train()
         bar = self._progress()
         if bar is not None:
@@ -543,14 +568,16 @@ class Trainer:
                 out = self.train_step(batch)
                 self.step += 1
                 self.global_step += 1
-                prog.counts += self._counts
+                # accumulated on the device: nothing here waits for it (see EpochProgress)
+                prog.counts += self._counts.to(prog.counts.device)
                 if out is None:
                     prog.skipped += 1
                 else:
                     losses, step_logs = out
-                    prog.sums += losses.double().cpu()
+                    prog.sums += losses.double()
                     for k, v in step_logs.items():
-                        prog.logs[k] = prog.logs.get(k, 0.0) + float(v) / steps
+                        v = v.detach().double() if isinstance(v, torch.Tensor) else float(v)
+                        prog.logs[k] = prog.logs.get(k, 0.0) + v / steps
                 prog.train_time = before + time.perf_counter() - start
                 if self.global_step == 1:
                     self._check_identical("parameters after the first step")
@@ -569,7 +596,7 @@ class Trainer:
             if bar is not None:
                 bar.stop()
         mean = (prog.sums / max(steps - prog.skipped, 1)).tolist()
-        return dict(zip(self.names, mean)), dict(prog.logs), steps
+        return dict(zip(self.names, mean)), prog.float_logs(), steps
 
     def _log_gradients(self, batch: dict[str, Any]) -> None:
         """Gradient conflict and task affinity on this batch, every N steps (no side effects:
@@ -587,10 +614,13 @@ class Trainer:
         """One optimizer step on ``batch``; returns the (global) task losses and the balancer's
         logs, or None when the step was skipped (a non-finite loss with ``on_nonfinite: skip``).
         """
+        # every batch: a bad label is one line, not an IndexError; checked where the loader put
+        # it (the host), so that the check never waits for the device
+        check_batch(batch, self.tasks)
         batch = to_device(batch, self.device)
-        check_batch(batch, self.tasks)  # every batch: a bad label is one line, not an IndexError
-        preds = self.model(batch["image"])
-        losses = self._losses(preds, batch)
+        with self.amp.autocast():
+            preds = self.model(batch["image"])
+            losses = self._losses(preds, batch)
         if not torch.isfinite(losses).all():
             bad = [
                 f"{n} ({v})" for n, v in zip(self.names, losses.tolist()) if not math.isfinite(v)
@@ -615,7 +645,11 @@ class Trainer:
         extra = self.model.extra_loss()
         if extra is not None:
             # a function of the parameters alone, equal on every process: not averaged
-            extra.backward()
+            self.amp.scale_grad(extra).backward()
+        if not self.amp.step_ok(list(self.model.parameters())):
+            # fp16 overflow: no update, for every method alike; the scale was lowered
+            self.optimizer.zero_grad(set_to_none=True)
+            return None
         self.optimizer.step()
         # what the balancer asked for beyond the losses (FAMO: the same batch's losses after the
         # update); nothing runs for a balancer without needs. Every process calls it: the
@@ -709,14 +743,19 @@ class Trainer:
             loss = task.loss(preds[n], batch[n])
             for weight, pred in aux.get(n, ()):
                 loss = loss + weight * task.loss(pred, batch[n])
-            out.append(loss)
-        counts = torch.stack([self.tasks[n].loss_count(batch[n], preds[n]).double().cpu()
-                              for n in self.names])
+            # fp16: the backward pass runs at the loss scale and the balancer reads the per-task
+            # gradients unscaled (engine/amp.py); otherwise the loss itself
+            out.append(self.amp.scale_grad(loss))
+        # on the loss's device: read once per epoch, not per step (the processes' all-reduce
+        # below takes them to the host)
+        counts = torch.stack([torch.as_tensor(self.tasks[n].loss_count(batch[n], preds[n]))
+                              .double().to(out[0].device) for n in self.names])
         if record:
             self._counts = counts
         if self.ctx is None:
             return torch.stack(out)
         T = len(out)
+        counts = counts.cpu()
         values = torch.stack([v.detach().double().cpu() for v in out])
         buf = torch.cat([values * counts, counts, torch.tensor([float(self._signal is not None)],
                                                               dtype=torch.float64)])
@@ -747,7 +786,7 @@ class Trainer:
         def losses_of(b: dict[str, Any]) -> torch.Tensor:
             # the model's forward pass draws from this process's own stream (dropout), as the
             # step's did; the losses are global with several processes (every one calls this)
-            with self._own_rng():
+            with self._own_rng(), self.amp.autocast():
                 return self._losses(self.model(b["image"]), b, record=False)
 
         return StepContext(batch, losses_of, heldout=self._heldout_batch, optimizer=self.optimizer)
