@@ -649,7 +649,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     m = sub.add_parser("demo", help="STL vs hard sharing on the embedded scenes data (CPU)")
     m.add_argument("--out", default="runs/demo", help="where the two runs go (default runs/demo)")
-    m.add_argument("--epochs", type=_positive, help="epochs per run (default 12)")
+    m.add_argument("--epochs", type=_positive, help="epochs per run (default 6)")
     _add_set(m, "override a key of the demo config")
     m.set_defaults(func=cmd_demo)
     return p

@@ -31,7 +31,7 @@ DEMO: dict[str, Any] = {
     "optim": {"name": "adam", "lr": 1e-3},
     "schedule": {"name": "cosine"},
     "balancer": {"name": "fixed"},
-    "train": {"epochs": 12},
+    "train": {"epochs": 6},
     "seed": 0,
 }
 
