@@ -30,6 +30,11 @@ def scenes_root(tmp_path_factory: pytest.TempPathFactory) -> str:
 @pytest.fixture
 def small_cfg(scenes_root: str) -> dict:
     """A config dict that trains in a second or two per epoch."""
+    return small_config(scenes_root)
+
+
+def small_config(scenes_root: str) -> dict:
+    """:func:`small_cfg` as a function (for module-scoped fixtures)."""
     return {
         "name": "small",
         "seed": 0,

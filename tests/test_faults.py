@@ -49,23 +49,9 @@ def reference(small_cfg_module, tmp_path_factory):
 @pytest.fixture(scope="module")
 def small_cfg_module(scenes_root):
     """conftest's small_cfg, for module-scoped fixtures."""
-    return {
-        "name": "small",
-        "seed": 0,
-        "tasks": ["semseg", "depth", "normals"],
-        "data": {
-            "name": "scenes",
-            "root": scenes_root,
-            "batch_size": 4,
-            "augment": True,
-            "options": {"n": 48, "size": [32, 48], "seed": 0},
-        },
-        "model": {"arch": "hps", "backbone": {"name": "tiny", "width": 8},
-                  "head": {"name": "light"}},
-        "optim": {"name": "adam", "lr": 1e-3},
-        "schedule": {"name": "cosine"},
-        "train": {"epochs": 2, "progress": False},
-    }
+    from conftest import small_config
+
+    return small_config(scenes_root)
 
 
 def _same_weights(a: dict, b: dict) -> bool:

@@ -6,11 +6,11 @@ import numpy as np
 import torch
 
 from ..registry import BALANCERS
-from .base import GradientBalancer, check_positive
-from .solvers import as_numpy, nonneg_qp
+from .solvers import nonneg_qp
+from .upgrad import UPGrad
 
 
-class DualProj(GradientBalancer):
+class DualProj(UPGrad):
     """DualProj: ``d = argmin_{x : G x >= 0} ||x - mean_t g_t||``.
 
     torchjd's ``DualProj`` aggregator (Quinton & Rey, "Jacobian Descent for Multi-Objective
@@ -27,25 +27,9 @@ class DualProj(GradientBalancer):
     (torchjd's ``mtl_backward``). Stateless.
     """
 
-    def __init__(
-        self,
-        num_tasks: int,
-        norm_eps: float = 1e-4,
-        reg_eps: float = 1e-4,
-        mode: str | None = None,
-        batched: bool = True,
-    ) -> None:
-        super().__init__(num_tasks, mode, batched)
-        self.norm_eps = check_positive(norm_eps, "norm_eps", allow_zero=True)
-        self.reg_eps = check_positive(reg_eps, "reg_eps", allow_zero=True)
-
     def gramian_weights(self, M: torch.Tensor, losses: torch.Tensor | None = None) -> torch.Tensor:
-        A = as_numpy(M)
-        T = A.shape[0]
-        tr = float(np.trace(A))
-        A = np.zeros_like(A) if tr < self.norm_eps else A / tr
-        A = A + self.reg_eps * np.eye(T)
-        u = np.full(T, 1.0 / T)
+        A = self.prepared(M)  # UPGrad's normalised, regularised Gramian
+        u = np.full(A.shape[0], 1.0 / A.shape[0])
         # v = u + x with x >= 0: min 1/2 x^T A x + (A u)^T x
         return torch.from_numpy(u + nonneg_qp(A, A @ u)).to(M)
 

@@ -41,12 +41,16 @@ class UPGrad(GradientBalancer):
         self.norm_eps = check_positive(norm_eps, "norm_eps", allow_zero=True)
         self.reg_eps = check_positive(reg_eps, "reg_eps", allow_zero=True)
 
-    def gramian_weights(self, M: torch.Tensor, losses: torch.Tensor | None = None) -> torch.Tensor:
+    def prepared(self, M: torch.Tensor) -> np.ndarray:
+        """torchjd's ``normalize`` then ``regularize`` of the Gramian ``M`` (see above)."""
         A = as_numpy(M)
-        T = A.shape[0]
         tr = float(np.trace(A))
         A = np.zeros_like(A) if tr < self.norm_eps else A / tr
-        A = A + self.reg_eps * np.eye(T)
+        return A + self.reg_eps * np.eye(A.shape[0])
+
+    def gramian_weights(self, M: torch.Tensor, losses: torch.Tensor | None = None) -> torch.Tensor:
+        A = self.prepared(M)
+        T = A.shape[0]
         w = np.zeros(T)
         for i in range(T):
             u = np.zeros(T)

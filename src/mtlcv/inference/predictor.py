@@ -40,6 +40,7 @@ import torch.nn.functional as F
 
 from ..engine.metadata import check
 from ..errors import CheckpointError, ConfigError, DataError, MtlcvError
+from ..models.weights import state_problems
 from ..tasks.base import Task
 
 #: options that only initialise parameters (from a pretrained file or another run) before
@@ -47,8 +48,6 @@ from ..tasks.base import Task
 #: model for inference, where those files may not exist
 INIT_ONLY = {"backbone": ("weights",), "options": ("init_from",)}
 FITS = ("resize", "pad")
-#: how many offending keys a state-dict mismatch message names
-_SHOWN = 3
 
 
 @dataclass(frozen=True)
@@ -460,23 +459,7 @@ def build_from_meta(meta: Mapping[str, Any], where: str) -> tuple[torch.nn.Modul
 
 
 def _load_state(model: torch.nn.Module, state: Mapping[str, Any], where: str) -> None:
-    own = model.state_dict()
-    missing = [k for k in own if k not in state]
-    unexpected = [k for k in state if k not in own]
-    wrong = [
-        f"{k} (checkpoint {list(state[k].shape)}, model {list(own[k].shape)})"
-        for k in own
-        if k in state and hasattr(state[k], "shape") and state[k].shape != own[k].shape
-    ]
-    problems = [
-        f"{label} {', '.join(keys[:_SHOWN])}{' ...' if len(keys) > _SHOWN else ''}"
-        for label, keys in (
-            ("missing keys", missing),
-            ("unexpected keys", unexpected),
-            ("shape mismatch", wrong),
-        )
-        if keys
-    ]
+    problems = state_problems(model.state_dict(), state, "checkpoint")
     if problems:
         raise CheckpointError(
             f"{where}: its weights do not fit the {type(model).__name__} its metadata "

@@ -10,8 +10,9 @@ first offending keys, never a silent partial load.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import nn
@@ -39,6 +40,33 @@ def read_state_dict(path: str | Path, *, where: str = "weights") -> dict[str, to
     return {k.removeprefix("module."): v for k, v in obj.items()}
 
 
+def state_problems(
+    own: Mapping[str, Any],
+    state: Mapping[str, Any],
+    source: str,
+    optional: Callable[[str], bool] = lambda key: False,
+) -> list[str]:
+    """Why ``state`` does not fit a module whose state dict is ``own``: missing keys (except
+    ``optional`` ones), unexpected keys, shape mismatches (``source`` names the state's side,
+    e.g. "file"), each a short phrase naming at most three keys; empty when it fits."""
+    missing = [k for k in own if k not in state and not optional(k)]
+    unexpected = [k for k in state if k not in own]
+    wrong = [
+        f"{k} ({source} {list(state[k].shape)}, model {list(own[k].shape)})"
+        for k in own
+        if k in state and hasattr(state[k], "shape") and state[k].shape != own[k].shape
+    ]
+    return [
+        f"{label} {', '.join(keys[:_SHOWN])}{' ...' if len(keys) > _SHOWN else ''}"
+        for label, keys in (
+            ("missing keys", missing),
+            ("unexpected keys", unexpected),
+            ("shape mismatch", wrong),
+        )
+        if keys
+    ]
+
+
 def load_weights(
     module: nn.Module,
     path: str | Path,
@@ -57,23 +85,8 @@ def load_weights(
         for k, v in read_state_dict(path, where=where).items()
         if not k.startswith(tuple(ignore))
     }
-    own = module.state_dict()
-    missing = [k for k in own if k not in state and not k.endswith("num_batches_tracked")]
-    unexpected = [k for k in state if k not in own]
-    wrong = [
-        f"{k} (file {list(state[k].shape)}, model {list(own[k].shape)})"
-        for k in own
-        if k in state and state[k].shape != own[k].shape
-    ]
-    problems = [
-        f"{label} {', '.join(keys[:_SHOWN])}{' ...' if len(keys) > _SHOWN else ''}"
-        for label, keys in (
-            ("missing keys", missing),
-            ("unexpected keys", unexpected),
-            ("shape mismatch", wrong),
-        )
-        if keys
-    ]
+    problems = state_problems(module.state_dict(), state, "file",
+                              optional=lambda k: k.endswith("num_batches_tracked"))
     if problems:
         raise ConfigError(
             f"{where}: {str(Path(path).expanduser())!r} does not fit "

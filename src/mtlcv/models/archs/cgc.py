@@ -23,8 +23,8 @@ from torch import nn
 
 from ...registry import ARCHS
 from ..base import MultiTaskModel
-from ..build import build_backbone, build_head
-from .mmoe import Gate, check_count, check_pool, mix
+from ..build import build_head
+from .mmoe import Gate, build_experts, check_pool, mix
 
 
 @ARCHS.register("cgc")
@@ -44,12 +44,9 @@ class CGC(MultiTaskModel):
     ) -> None:
         super().__init__()
         self.tasks = list(tasks)
-        S = check_count(num_shared, "num_shared")
-        K = check_count(num_specific, "num_specific", 0)
+        self.shared, self.specific = build_experts(backbone, self.tasks, num_shared, num_specific)
+        S, K = len(self.shared), len(next(iter(self.specific.values())))
         pool = check_pool(gate_pool)
-        self.shared = nn.ModuleList(build_backbone(backbone) for _ in range(S))
-        self.specific = nn.ModuleDict(
-            {t: nn.ModuleList(build_backbone(backbone) for _ in range(K)) for t in self.tasks})
         C = self.shared[0].out_channels
         self.gates = nn.ModuleDict({t: Gate(3, K + S, pool) for t in self.tasks})
         self.heads = nn.ModuleDict({t: build_head(head, C, task) for t, task in tasks.items()})

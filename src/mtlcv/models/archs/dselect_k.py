@@ -27,7 +27,7 @@ Parameters: shared = the experts; task ``t`` = its gate (``Z``, ``A``) and head.
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import torch
@@ -35,9 +35,8 @@ from torch import nn
 
 from ...errors import ConfigError
 from ...registry import ARCHS
-from ..base import MultiTaskModel
 from ..build import build_backbone, build_head
-from .mmoe import check_count, check_pool, mix
+from .mmoe import ExpertMixture, check_count, check_pool
 
 
 def smooth_step(t: torch.Tensor, gamma: float) -> torch.Tensor:
@@ -92,7 +91,7 @@ class DSelectGate(nn.Module):
 
 
 @ARCHS.register("dselect_k")
-class DSelectK(MultiTaskModel):
+class DSelectK(ExpertMixture):
     """Shared experts mixed by a sparse differentiable top-k gate per task (Hazimeh et al. 2021)."""
 
     has_representation = False
@@ -126,21 +125,6 @@ class DSelectK(MultiTaskModel):
         self.gates = nn.ModuleDict(
             {t: DSelectGate(3 * pool[0] * pool[1], m, k, float(gamma), pool) for t in self.tasks})
         self.heads = nn.ModuleDict({t: build_head(head, C, task) for t, task in tasks.items()})
-
-    def shared_parameters(self) -> Iterator[nn.Parameter]:
-        return self.experts.parameters()
-
-    def task_parameters(self, task: str) -> Iterator[nn.Parameter]:
-        yield from self.gates[task].parameters()
-        yield from self.heads[task].parameters()
-
-    def gate_weights(self, image: torch.Tensor) -> dict[str, torch.Tensor]:
-        return {t: self.gates[t](image) for t in self.tasks}
-
-    def forward(self, image: torch.Tensor) -> dict[str, torch.Tensor]:
-        feats = [e(image) for e in self.experts]
-        weights = self.gate_weights(image)
-        return {t: self.heads[t](mix(weights[t], feats), image.shape[-2:]) for t in self.tasks}
 
     def extra_loss(self) -> torch.Tensor | None:
         if not self.training or self.entropy_weight == 0:

@@ -46,6 +46,19 @@ def check_pool(value: Any) -> tuple[int, int]:
     return int(value[0]), int(value[1])
 
 
+def build_experts(
+    backbone: Mapping[str, Any], tasks: Sequence[str], num_shared: Any, num_specific: Any
+) -> tuple[nn.ModuleList, nn.ModuleDict]:
+    """CGC's and PLE's experts, checked: ``num_shared`` shared backbones and, per task,
+    ``num_specific`` of its own (0 allowed)."""
+    S = check_count(num_shared, "num_shared")
+    K = check_count(num_specific, "num_specific", 0)
+    shared = nn.ModuleList(build_backbone(backbone) for _ in range(S))
+    specific = nn.ModuleDict(
+        {t: nn.ModuleList(build_backbone(backbone) for _ in range(K)) for t in tasks})
+    return shared, specific
+
+
 class Gate(nn.Module):
     """``softmax(W pool(x))``: a per-sample distribution over ``num_outputs`` experts."""
 
@@ -68,8 +81,37 @@ def mix(weights: torch.Tensor, experts: Sequence[torch.Tensor]) -> torch.Tensor:
     return (weights.reshape(shape).to(stacked.dtype) * stacked).sum(1)
 
 
+class ExpertMixture(MultiTaskModel):
+    """Shared expert backbones mixed per task by a gate: ``self.experts`` (shared), and per task
+    ``self.gates[t]`` (image -> weights ``[B, E]``) and ``self.heads[t]``. MMoE and DSelect-k
+    differ only in their gates."""
+
+    has_representation = False
+    tasks: list[str]
+    experts: nn.ModuleList
+    gates: nn.ModuleDict
+    heads: nn.ModuleDict
+
+    def shared_parameters(self) -> Iterator[nn.Parameter]:
+        return self.experts.parameters()
+
+    def task_parameters(self, task: str) -> Iterator[nn.Parameter]:
+        yield from self.gates[task].parameters()
+        yield from self.heads[task].parameters()
+
+    def gate_weights(self, image: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Per task, the experts' weights ``[B, E]`` for ``image``."""
+        return {t: self.gates[t](image) for t in self.tasks}
+
+    def forward(self, image: torch.Tensor) -> dict[str, torch.Tensor]:
+        feats = [e(image) for e in self.experts]
+        weights = self.gate_weights(image)
+        size = image.shape[-2:]
+        return {t: self.heads[t](mix(weights[t], feats), size) for t in self.tasks}
+
+
 @ARCHS.register("mmoe")
-class MMoE(MultiTaskModel):
+class MMoE(ExpertMixture):
     """Shared expert backbones mixed per task by a softmax gate (Ma et al., KDD 2018)."""
 
     has_representation = False
@@ -91,19 +133,3 @@ class MMoE(MultiTaskModel):
         self.gates = nn.ModuleDict({t: Gate(3, E, pool) for t in self.tasks})
         self.heads = nn.ModuleDict({t: build_head(head, C, task) for t, task in tasks.items()})
 
-    def shared_parameters(self) -> Iterator[nn.Parameter]:
-        return self.experts.parameters()
-
-    def task_parameters(self, task: str) -> Iterator[nn.Parameter]:
-        yield from self.gates[task].parameters()
-        yield from self.heads[task].parameters()
-
-    def gate_weights(self, image: torch.Tensor) -> dict[str, torch.Tensor]:
-        """Per task, the experts' weights ``[B, E]`` for ``image``."""
-        return {t: self.gates[t](image) for t in self.tasks}
-
-    def forward(self, image: torch.Tensor) -> dict[str, torch.Tensor]:
-        feats = [e(image) for e in self.experts]
-        weights = self.gate_weights(image)
-        size = image.shape[-2:]
-        return {t: self.heads[t](mix(weights[t], feats), size) for t in self.tasks}

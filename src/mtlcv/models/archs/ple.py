@@ -32,8 +32,8 @@ from torch import nn
 
 from ...registry import ARCHS
 from ..base import MultiTaskModel
-from ..build import build_backbone, build_head
-from .mmoe import Gate, check_count, check_pool, mix
+from ..build import build_head
+from .mmoe import Gate, build_experts, check_pool, mix
 
 
 @ARCHS.register("ple")
@@ -53,12 +53,9 @@ class PLE(MultiTaskModel):
     ) -> None:
         super().__init__()
         self.tasks = list(tasks)
-        S = check_count(num_shared, "num_shared")
-        K = check_count(num_specific, "num_specific", 0)
+        self.shared, self.specific = build_experts(backbone, self.tasks, num_shared, num_specific)
+        S, K = len(self.shared), len(next(iter(self.specific.values())))
         pool = check_pool(gate_pool)
-        self.shared = nn.ModuleList(build_backbone(backbone) for _ in range(S))
-        self.specific = nn.ModuleDict(
-            {t: nn.ModuleList(build_backbone(backbone) for _ in range(K)) for t in self.tasks})
         bb = self.shared[0]
         n = bb.num_stages
         ins = [3, *bb.stage_channels[:-1]]  # each stage's input channels
